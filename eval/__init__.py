@@ -1,0 +1,1 @@
+"""Perplexity harness, datasets and reports (installed as `llmq.eval`)."""

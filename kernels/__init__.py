@@ -1,0 +1,1 @@
+"""Triton dequant-GEMM kernels (installed as `llmq.kernels`), one per file, each with a torch reference."""

@@ -1,0 +1,22 @@
+"""llmq: weight-only quantization of Hugging Face causal LMs (GPTQ / RTN, int2-8 and NF4)."""
+__version__ = "0.1.0"
+
+from .config import CalibConfig, GPTQConfig, QuantPlan, QuantScheme  # noqa: E402
+from .errors import LlmqError  # noqa: E402
+from .qtensor import QuantizedWeight  # noqa: E402
+
+
+def __getattr__(name):  # heavy imports (transformers) only when used
+    if name in ("load_quantized", "save_quantized", "fake_quantize"):
+        from . import modeling
+
+        return getattr(modeling, name)
+    if name in ("quantize",):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'llmq' has no attribute {name!r}")
+
+
+__all__ = ["QuantScheme", "GPTQConfig", "CalibConfig", "QuantPlan", "QuantizedWeight", "LlmqError",
+           "load_quantized", "save_quantized", "fake_quantize", "quantize"]  # fmt: skip

@@ -1,0 +1,1 @@
+"""Quantization algorithms: pure functions (W[, H], scheme[, cfg]) -> QuantizedWeight."""

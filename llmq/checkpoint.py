@@ -1,0 +1,254 @@
+"""Checkpoint format v1: a normal Hugging Face model dir holding packed llmq tensors (docs/FORMAT.md).
+
+Writing is atomic at every step: each file goes to a temp name in the output dir, is fsynced and renamed.
+Shards are written as they fill (`llmq-part-NNNNN.safetensors`), renamed to their final
+`model-NNNNN-of-NNNNN.safetensors` names at the end, then the index and, last of all, `config.json`:
+a dir without `config.json` is visibly incomplete, and readers refuse it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import LlmqError
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "llmq"
+INDEX_NAME = "model.safetensors.index.json"
+PROGRESS_NAME = "llmq_progress.json"
+PART_PREFIX = "llmq-part-"
+SHARD_METADATA = {"format": "pt", "llmq_format_version": str(FORMAT_VERSION)}
+DEFAULT_MAX_SHARD = 2 * 1024**3
+
+
+# ---- atomic files -------------------------------------------------------------------------------
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def _fsync_rename(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    _fsync_rename(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=SHARD_METADATA)
+    _fsync_rename(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- output dir ---------------------------------------------------------------------------------
+def is_llmq_dir(out: Path) -> bool:
+    if (out / PROGRESS_NAME).exists() or any(out.glob(f"{PART_PREFIX}*")):
+        return True
+    try:
+        qc = json.loads((out / "config.json").read_text()).get("quantization_config", {})
+        return qc.get("quant_method") == QUANT_METHOD
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> bool:
+    """Make `out` ready for a fresh conversion; True when this call created it."""
+    if out.exists() and not out.is_dir():
+        raise LlmqError(f"{out}: exists and is not a directory; choose another output path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise LlmqError(f"{out}: output directory is not empty; pass --overwrite to replace it, or choose another")
+        if not is_llmq_dir(out):
+            raise LlmqError(f"{out}: not empty and not an llmq output, refusing to delete it even with --overwrite")
+        shutil.rmtree(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".llmq-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LlmqError(f"{out}: cannot write to the output directory ({e.strerror}); check the path and permissions") from None
+    return created
+
+
+# ---- writer -------------------------------------------------------------------------------------
+class CheckpointWriter:
+    """Collects tensors into shards of at most `max_shard_bytes` and writes each as soon as it is full."""
+
+    def __init__(self, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD, first_part: int = 1):
+        self.out, self.max_shard_bytes = Path(out), max_shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.next_part = first_part
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            n = t.numel() * t.element_size()
+            if self.buffer and self.buffer_bytes + n > self.max_shard_bytes:
+                self.flush()
+            self.buffer[name] = t.detach().cpu()
+            self.buffer_bytes += n
+
+    def flush(self) -> Path | None:
+        if not self.buffer:
+            return None
+        path = self.out / f"{PART_PREFIX}{self.next_part:05d}.safetensors"
+        atomic_save_tensors(path, self.buffer)
+        self.buffer, self.buffer_bytes = {}, 0
+        self.next_part += 1
+        return path
+
+    def finish(self, config: dict) -> list[Path]:
+        """Flush, rename parts to final shard names, write the index, then config.json (last)."""
+        self.flush()
+        parts = sorted(self.out.glob(f"{PART_PREFIX}*.safetensors"))
+        if not parts:
+            raise LlmqError(f"{self.out}: nothing was written")
+        weight_map, shards, total = {}, [], 0
+        for i, part in enumerate(parts, 1):
+            final = self.out / f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+            os.replace(part, final)
+            with safe_open(final, "pt") as f:
+                for k in f.keys():
+                    weight_map[k] = final.name
+            total += final.stat().st_size
+            shards.append(final)
+        digests = {s.name: sha256_file(s) for s in shards}
+        index = {
+            "metadata": {"total_size": total, "llmq_format_version": FORMAT_VERSION, "llmq_sha256": digests},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        atomic_write_json(self.out / INDEX_NAME, index)
+        atomic_write_json(self.out / "config.json", config)
+        return shards
+
+
+# ---- reader -------------------------------------------------------------------------------------
+def read_config(d: Path) -> tuple[dict, dict]:
+    """(config.json as a dict, its quantization_config), validated for llmq format v1."""
+    d = Path(d)
+    if not d.is_dir():
+        raise LlmqError(f"{d}: no such directory")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        hint = " (an interrupted conversion: rerun `llmq quantize`)" if is_llmq_dir(d) else ""
+        raise LlmqError(f"{d}: no config.json; not a complete llmq checkpoint{hint}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise LlmqError(f"{cfg_path}: not valid JSON ({e})") from None
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise LlmqError(f"{d}: config.json has no llmq quantization_config; is this a quantized llmq checkpoint?")
+    v = qc.get("format_version")
+    if v != FORMAT_VERSION:
+        raise LlmqError(
+            f"{d}: llmq checkpoint format_version {v!r}, this llmq reads version {FORMAT_VERSION}; "
+            "upgrade llmq (pip install -U llmq) or re-quantize"
+        )
+    return config, qc
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a checkpoint dir, by name, one shard open at a time."""
+
+    def __init__(self, d: Path, verify: bool = False):
+        self.dir = Path(d)
+        index_path = self.dir / INDEX_NAME
+        if index_path.is_file():
+            index = json.loads(index_path.read_text())
+            self.weight_map: dict[str, str] = index["weight_map"]
+            digests = index.get("metadata", {}).get("llmq_sha256", {})
+        elif (self.dir / "model.safetensors").is_file():
+            with self._open("model.safetensors") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+            digests = {}
+        else:
+            raise LlmqError(f"{self.dir}: no {INDEX_NAME} or model.safetensors; not a complete checkpoint")
+        for shard in sorted(set(self.weight_map.values())):
+            path = self.dir / shard
+            if not path.is_file():
+                raise LlmqError(f"{path}: shard listed in the index is missing; re-copy or re-quantize the model")
+            with self._open(shard) as f:
+                meta = f.metadata() or {}
+                if meta.get("llmq_format_version", str(FORMAT_VERSION)) != str(FORMAT_VERSION):
+                    raise LlmqError(
+                        f"{path}: llmq format version {meta['llmq_format_version']}, expected {FORMAT_VERSION}"
+                    )
+            if verify and shard in digests and sha256_file(path) != digests[shard]:
+                raise LlmqError(f"{path}: checksum mismatch, the file is corrupted; re-copy or re-quantize the model")
+
+    def _open(self, shard: str):
+        try:
+            return safe_open(self.dir / shard, "pt")
+        except (SafetensorError, OSError) as e:
+            raise LlmqError(f"{self.dir / shard}: unreadable safetensors file ({e}); it is truncated or corrupted") from None
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors by name, grouped so that each shard is opened once."""
+        by_shard: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.weight_map:
+                raise LlmqError(f"{self.dir}: tensor {n!r} is missing from the checkpoint")
+            by_shard.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for shard, ns in by_shard.items():
+            with self._open(shard) as f:
+                for n in ns:
+                    try:
+                        out[n] = f.get_tensor(n)
+                    except SafetensorError as e:
+                        raise LlmqError(f"{self.dir / shard}: cannot read tensor {n!r} ({e})") from None
+        return out
+
+
+def tensor_bytes(d: Path) -> dict[str, int]:
+    """Bytes each tensor occupies in the shard files of dir `d`, read from the safetensors headers only."""
+    out = {}
+    for shard in sorted(Path(d).glob("model*.safetensors")):
+        with open(shard, "rb") as f:
+            try:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise LlmqError(f"{shard}: unreadable safetensors header; the file is truncated or corrupted") from None
+        for k, v in header.items():
+            if k != "__metadata__":
+                out[k] = v["data_offsets"][1] - v["data_offsets"][0]
+    return out

@@ -1,0 +1,128 @@
+"""The `llmq` command line: quantize | inspect (argparse lives only here)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from .errors import LlmqError
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
+
+
+def parse_size(s: str) -> int:
+    m = SIZE_RE.match(s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a size; write e.g. 2GB, 500MB")
+    mult = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2).upper().rstrip("B").rstrip("I") or ""]
+    if "I" in m.group(2).upper():
+        mult = {1e3: 1024, 1e6: 1024**2, 1e9: 1024**3, 1e12: 1024**4}.get(mult, mult)
+    return int(float(m.group(1)) * mult)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+# ---- quantize -----------------------------------------------------------------------------------
+def add_scheme_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scheme")
+    g.add_argument("--bits", type=int, default=4, help="code width: 2, 3, 4 or 8 (default 4)")
+    g.add_argument("--format", choices=("int", "nf4"), default="int", help="uniform integer grid or NF4 codebook")
+    g.add_argument("--group-size", type=int, default=128,
+                   help="columns per scale: 32/64/128/256 (any >= 16), -1 per output channel, 0 per tensor")
+    g.add_argument("--sym", action="store_true", help="symmetric integer grid (no zero points stored)")
+    g.add_argument("--double-quant", action="store_true", help="re-quantize the scales to 8 bits (QLoRA)")
+    g.add_argument("--clip-search", action="store_true", help="per group, search the range shrink with least error")
+    g.add_argument("--outliers", type=float, default=0.0, metavar="FRAC",
+                   help="fraction of weights kept exact in fp16, e.g. 0.005")
+    g.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+
+
+def scheme_from_args(a):
+    from .config import QuantScheme
+
+    return QuantScheme(bits=a.bits, format=a.format, group_size=a.group_size, sym=a.sym,
+                       double_quant=a.double_quant, scale_dtype=a.scale_dtype, clip_search=a.clip_search,
+                       outliers=a.outliers)  # fmt: skip
+
+
+def cmd_quantize(a) -> int:
+    from .convert import convert
+
+    summary = convert(a)
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+def cmd_inspect(a) -> int:
+    from .inspect import inspect_dir, print_table
+
+    info = inspect_dir(Path(a.dir))
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_table(info)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmq", description="Weight-only quantization of Hugging Face causal LMs.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model and write a packed checkpoint",
+                       description="Quantize MODEL (HF dir, hub id or .gguf file) into the checkpoint dir OUT.")
+    q.add_argument("model", metavar="MODEL", help="Hugging Face model dir, hub id, or .gguf file")
+    q.add_argument("out", metavar="OUT", help="output directory (must be new or empty, see --overwrite)")
+    q.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="round-to-nearest or GPTQ (default rtn)")
+    add_scheme_args(q)
+    g = q.add_argument_group("gptq / calibration")
+    g.add_argument("--calib", default=None, metavar="PATH|NAME",
+                   help="calibration text: a .txt/.jsonl file or a datasets name (wikitext2, c4); "
+                        "default: ../shared/data/wikitext-2-raw if present")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    g.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing the windows")
+    g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize columns by decreasing Hessian diagonal (default on)")
+    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="with act-order: fix group scales up front, no permutation stored (default on)")
+    o = q.add_argument_group("output")
+    o.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="storage dtype of the layers left in full precision (default float16)")
+    o.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest shard file (default 2GB)")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing llmq output dir")
+    o.add_argument("--quiet", action="store_true", help="no progress bars or per-layer lines")
+    o.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    q.set_defaults(func=cmd_quantize)
+
+    i = sub.add_parser("inspect", help="show the schemes, sizes and bits per weight of a checkpoint")
+    i.add_argument("dir", metavar="DIR", help="llmq checkpoint dir")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if not getattr(a, "quiet", False) else logging.WARNING,
+                        format="%(message)s")  # fmt: skip
+    try:
+        return a.func(a)
+    except LlmqError as e:
+        print(f"llmq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmq: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,144 @@
+"""Frozen, validated configuration dataclasses: one per concern.
+
+Every field is checked in `__post_init__`, so a bad value fails where it is written, with a message that
+names the field, the value and the allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LlmqError
+
+FORMATS = ("int", "nf4")
+INT_BITS = (2, 3, 4, 8)
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+PER_CHANNEL = -1  # group_size for one scale per output row
+PER_TENSOR = 0  # group_size for one scale for the whole matrix
+DQ_BLOCK = 256  # double quantization: scales re-quantized in blocks of this many
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise LlmqError(msg)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one linear layer's weight is quantized.
+
+    bits:         code width; 2, 3, 4 or 8 for `int`, 4 for `nf4`.
+    format:       "int" (uniform grid) or "nf4" (QLoRA normal-float codebook, absmax-scaled).
+    group_size:   columns sharing one scale: >= 16 (need not divide in_features: the last group is
+                  shorter), -1 = per output channel, 0 = per tensor.
+    sym:          int only: symmetric grid (zero point fixed at 2**(bits-1), not stored) or asymmetric
+                  (an integer zero point per group, stored packed at `bits`). nf4 is always symmetric.
+    double_quant: per-group scales re-quantized to uint8 in blocks of 256 (one fp32 scale and offset per
+                  block), as QLoRA does.
+    scale_dtype:  storage dtype of plain (not double-quantized) scales.
+    clip_search:  per group, shrink the range over a grid and keep the scale with least squared error.
+    outliers:     fraction of weights kept exact in fp16, stored sparse (0 = none).
+    """
+
+    bits: int = 4
+    format: str = "int"
+    group_size: int = 128
+    sym: bool = False
+    double_quant: bool = False
+    scale_dtype: str = "float16"
+    clip_search: bool = False
+    outliers: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.format in FORMATS, f"format={self.format!r} is not supported; use one of {FORMATS}")
+        if self.format == "nf4":
+            _check(self.bits == 4, f"format='nf4' is a 4-bit codebook; got bits={self.bits}, use bits=4")
+            object.__setattr__(self, "sym", True)
+        _check(self.bits in INT_BITS, f"bits={self.bits} is not supported; use one of {INT_BITS}")
+        gs = self.group_size
+        _check(
+            isinstance(gs, int) and (gs in (PER_CHANNEL, PER_TENSOR) or gs >= 16),
+            f"group_size={gs!r} is not supported; use a group of >= 16 columns (32, 64, 128, 256 are usual), "
+            "-1 for per-output-channel or 0 for per-tensor",
+        )
+        _check(self.scale_dtype in SCALE_DTYPES, f"scale_dtype={self.scale_dtype!r}; use one of {SCALE_DTYPES}")
+        _check(
+            0.0 <= self.outliers < 0.5,
+            f"outliers={self.outliers} must be a fraction of weights in [0, 0.5), e.g. 0.005 for 0.5%",
+        )
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def describe(self) -> str:
+        """A short human name, e.g. 'int4-asym-g128', 'nf4-g64-dq'."""
+        g = {PER_CHANNEL: "pc", PER_TENSOR: "pt"}.get(self.group_size, f"g{self.group_size}")
+        name = "nf4" if self.format == "nf4" else f"int{self.bits}-{'sym' if self.sym else 'asym'}"
+        extra = "".join(
+            s for s, on in (("-dq", self.double_quant), ("-clip", self.clip_search)) if on
+        ) + (f"-out{self.outliers:g}" if self.outliers else "")
+        return f"{name}-{g}{extra}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantScheme":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        _check(not unknown, f"unknown quantization scheme fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ (Frantar et al. 2022) options.
+
+    damp:          added to diag(H) as a fraction of its mean (paper: 0.01).
+    block_size:    columns per lazy batch update (paper: 128).
+    act_order:     process columns by decreasing diag(H).
+    static_groups: with act_order, fix group scales from the unquantized weight before the loop, so the
+                   stored layout needs no permutation or per-column group index. False with act_order
+                   stores the permutation instead.
+    max_damp_tries: a Hessian that is not positive definite gets 10x more damping, this many times, then
+                   an error.
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    static_groups: bool = True
+    max_damp_tries: int = 4
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.damp <= 1.0, f"damp={self.damp} must be in (0, 1]; 0.01 is the paper's value")
+        _check(self.block_size >= 1, f"block_size={self.block_size} must be >= 1")
+        _check(self.max_damp_tries >= 0, f"max_damp_tries={self.max_damp_tries} must be >= 0")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: `nsamples` windows of `seqlen` tokens drawn (seeded) from `source`."""
+
+    source: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        _check(self.nsamples >= 1, f"nsamples={self.nsamples} must be >= 1")
+        _check(self.seqlen >= 2, f"seqlen={self.seqlen} must be >= 2")
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """A default scheme plus per-module overrides (exact module names)."""
+
+    default: QuantScheme = field(default_factory=QuantScheme)
+    overrides: dict[str, QuantScheme] = field(default_factory=dict)
+
+    def scheme_for(self, name: str) -> QuantScheme:
+        return self.overrides.get(name, self.default)

@@ -1,0 +1,57 @@
+"""`llmq inspect`: per-module scheme, size and bits per weight of a checkpoint, from file headers only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import read_config, tensor_bytes
+
+
+def inspect_dir(d: Path) -> dict:
+    from .modeling import plan_from_config
+
+    config, qc = read_config(d)
+    plan = plan_from_config(qc)
+    sizes = tensor_bytes(d)
+    modules, q_bytes, q_weights = [], 0, 0
+    for name in qc["quantized_modules"]:
+        prefix = name + "."
+        parts = {k[len(prefix):]: v for k, v in sizes.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        nbytes = sum(v for k, v in parts.items() if k != "bias")
+        shape = qc["shapes"][name]
+        n = shape[0] * shape[1]
+        modules.append({"name": name, "scheme": plan.scheme_for(name).describe(), "shape": shape,
+                        "bytes": nbytes, "bits_per_weight": round(8 * nbytes / n, 4)})  # fmt: skip
+        q_bytes += nbytes
+        q_weights += n
+    file_bytes = sum(p.stat().st_size for p in Path(d).glob("model*.safetensors"))
+    fp_bytes = sum(sizes.values()) - q_bytes
+    return {
+        "dir": str(d),
+        "method": qc.get("method", {}).get("name"),
+        "default_scheme": plan.default.describe(),
+        "quantized_modules": len(modules),
+        "quantized_weights": q_weights,
+        "quantized_bytes": q_bytes,
+        "bits_per_weight": round(8 * q_bytes / max(q_weights, 1), 4),
+        "full_precision_bytes": fp_bytes,
+        "file_bytes": file_bytes,
+        "modules_not_converted": qc.get("modules_not_converted", []),
+        "modules": modules,
+    }
+
+
+def print_table(info: dict) -> None:
+    from .cli import human_bytes
+
+    print(f"{info['dir']}: method {info['method']}, default scheme {info['default_scheme']}")
+    w = max((len(m["name"]) for m in info["modules"]), default=10)
+    print(f"{'module':<{w}}  {'scheme':<22} {'shape':>13} {'size':>10} {'bits/w':>7}")
+    for m in info["modules"]:
+        shape = "x".join(map(str, m["shape"]))
+        print(f"{m['name']:<{w}}  {m['scheme']:<22} {shape:>13} {human_bytes(m['bytes']):>10} {m['bits_per_weight']:>7.3f}")
+    print(f"quantized: {info['quantized_modules']} modules, {info['quantized_weights']:,} weights, "
+          f"{human_bytes(info['quantized_bytes'])}, {info['bits_per_weight']:.3f} bits per weight")  # fmt: skip
+    print(f"full precision (embeddings, norms, head): {human_bytes(info['full_precision_bytes'])}; "
+          f"files on disk: {human_bytes(info['file_bytes'])}")  # fmt: skip
+    if info["modules_not_converted"]:
+        print(f"left in full precision: {', '.join(info['modules_not_converted'])}")

@@ -1,0 +1,87 @@
+"""Open the model a user names: a Hugging Face model dir, a hub id, or a `.gguf` file.
+
+Checks happen before anything heavy, so a wrong path or a model that is not a causal LM fails at once
+with a one-line message.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LlmqError
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "dir", "gguf" or "hub"
+    path: str  # dir or hub id; for gguf the containing dir
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+
+def resolve(spec: str) -> Source:
+    p = Path(spec).expanduser()
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise LlmqError(f"{spec}: not a GGUF file (no GGUF magic); pass a model dir, a hub id or a .gguf file")
+        return Source("gguf", str(p.parent), p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise LlmqError(f"{spec}: no config.json in this directory; it is not a Hugging Face model dir")
+        return Source("dir", str(p))
+    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_local or os.sep in spec and Path(spec.split(os.sep)[0]).exists():
+        raise LlmqError(f"{spec}: no such file or directory; pass a model dir, a hub id or a .gguf file")
+    return Source("hub", spec)
+
+
+def load_config(src: Source):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(src.path, **src.kwargs())
+    except OSError as e:
+        hint = " (no network? pass a local model dir or .gguf file)" if src.kind == "hub" else ""
+        raise LlmqError(f"{src}: cannot read the model config{hint}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise LlmqError(f"{src}: cannot read the model config: {str(e).splitlines()[0]}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LlmqError(
+            f"{src}: a {config.model_type!r} model ({', '.join(config.architectures or [])}) is not a causal LM; "
+            "llmq quantizes decoder-only language models (Llama, Mistral, Qwen2, GPT-2, OPT, ...)"
+        )
+    return config
+
+
+def load_model(src: Source, dtype: torch.dtype = torch.float32):
+    """(model, config) with weights in `dtype` on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(src)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
+    except OSError as e:
+        raise LlmqError(f"{src}: cannot load the weights: {str(e).splitlines()[0]}") from None
+    return model.eval(), config
+
+
+def load_tokenizer(src: Source):
+    """The model's tokenizer, or None (with the reason) when it has none, e.g. a bare test model."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src.path, **src.kwargs()), None
+    except (OSError, ValueError, TypeError) as e:
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
