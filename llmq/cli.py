@@ -23,6 +23,14 @@ def parse_size(s: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def parse_range(s: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in s.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a range; write LO:HI, e.g. 0.5:1") from None
+    return lo, hi
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -87,10 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheme_args(q)
     g = q.add_argument_group("gptq / calibration")
     g.add_argument("--calib", default=None, metavar="PATH|NAME",
-                   help="calibration text: a .txt/.jsonl file or a datasets name (wikitext2, c4); "
-                        "default: ../shared/data/wikitext-2-raw if present")
+                   help="calibration text: a .txt/.jsonl file, a wikitext-2-raw dir, or a datasets name "
+                        "(wikitext2, c4, ptb); default: a local ../shared/data/wikitext-2-raw")
     g.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     g.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    g.add_argument("--calib-split", default="train", help="split of a wikitext-style dir or dataset (default train)")
+    g.add_argument("--calib-range", type=parse_range, default=(0.0, 1.0), metavar="LO:HI",
+                   help="draw windows only from this fraction of the tokens, e.g. 0.5:1 keeps the first half "
+                        "for evaluation (default 0:1)")
     g.add_argument("--seed", type=int, default=0, help="seed for drawing the windows")
     g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,

@@ -120,17 +120,25 @@ class GPTQConfig:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Calibration data: `nsamples` windows of `seqlen` tokens drawn (seeded) from `source`."""
+    """Calibration data: `nsamples` windows of `seqlen` tokens drawn (seeded) from `source`.
 
-    source: str = "wikitext2"
+    source: a .txt/.jsonl file, a wikitext-2-raw dir, a dataset name, or None for the local WikiText-2.
+    token_range: the fraction [lo, hi) of the token stream windows are drawn from, e.g. (0.5, 1.0) to keep
+    the first half of a split for evaluation.
+    """
+
+    source: str | None = None
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
     split: str = "train"
+    token_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         _check(self.nsamples >= 1, f"nsamples={self.nsamples} must be >= 1")
         _check(self.seqlen >= 2, f"seqlen={self.seqlen} must be >= 2")
+        lo, hi = self.token_range
+        _check(0.0 <= lo < hi <= 1.0, f"token_range={self.token_range} must satisfy 0 <= lo < hi <= 1")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 a failure: the output dir is removed (or emptied) and `config.json`, written last, never appears."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import resource
@@ -31,8 +32,8 @@ def convert(a) -> dict:
 
     plan = QuantPlan(scheme_from_args(a))
     gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups) if a.method == "gptq" else None
-    ccfg = CalibConfig(source=a.calib or "wikitext2", nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed) \
-        if a.method == "gptq" else None  # fmt: skip
+    ccfg = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
+                       token_range=a.calib_range) if a.method == "gptq" else None  # fmt: skip
     src = sources.resolve(a.model)
     arch_for(sources.load_config(src))  # unsupported architecture: fail before any heavy work
     out = Path(a.out)
@@ -48,9 +49,11 @@ def convert(a) -> dict:
         if a.method == "gptq":
             from .calibration import calibration_windows
 
-            calib = calibration_windows(ccfg, tokenizer, a.calib)
+            calib = calibration_windows(ccfg, tokenizer)
         t1 = time.perf_counter()
-        qweights = quantize(model, plan, calib, method=a.method, gptq=gcfg, quiet=a.quiet)
+        reports: list = []
+        extra = {"reports": reports} if a.method == "gptq" else {}
+        qweights = quantize(model, plan, calib, method=a.method, gptq=gcfg, quiet=a.quiet, **extra)
         t_quant = time.perf_counter() - t1
         method = {"name": a.method, **({"gptq": vars_of(gcfg), "calibration": vars_of(ccfg)} if gcfg else {})}
         q_bytes = sum(q.nbytes() for q in qweights.values())
@@ -61,6 +64,7 @@ def convert(a) -> dict:
             "quantized_modules": len(qweights), "quantized_weights": q_weights, "quantized_bytes": q_bytes,
             "bits_per_weight": 8 * q_bytes / max(q_weights, 1),
             "load_time_s": round(t_load, 2), "quantize_time_s": round(t_quant, 2),
+            "layers": [dataclasses.asdict(r) for r in reports],
             "versions": versions(), "machine": platform.platform(),
         }  # fmt: skip
         atomic_write_json(out / "summary.json", summary)
@@ -89,8 +93,6 @@ def _discard(out: Path, created: bool) -> None:
 
 
 def vars_of(obj) -> dict:
-    import dataclasses
-
     return dataclasses.asdict(obj)
 
 

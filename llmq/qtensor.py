@@ -31,13 +31,18 @@ SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "flo
 
 
 def store_scales(scale: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """fp32 scales [Rs, G] -> (the scales dequantization will actually use, fp32; tensors to store)."""
+    """fp32 scales [Rs, G] -> (the scales dequantization will actually use, fp32; tensors to store).
+
+    Stored scales are never below the requested ones (rounded up to the storage grid), so every weight
+    inside the group's range stays within half a step of a grid point."""
     if scheme.double_quant:
         q, step, off = doublequant.quantize(scale)
         stored = {"scales_q": q, "scales_step": step, "scales_off": off}
         eff = doublequant.dequantize(q, step, off)
     else:
         s = scale.to(SCALE_TORCH_DTYPES[scheme.scale_dtype])
+        # round up, never down: a smaller stored scale would leave the range's ends off the grid
+        s = torch.where(s.to(torch.float32) < scale, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
         if not torch.isfinite(s).all():
             raise LlmqError(
                 f"a group scale overflows {scheme.scale_dtype} (max {scale.max().item():.3g}); "

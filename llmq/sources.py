@@ -57,9 +57,11 @@ def load_config(src: Source):
         raise LlmqError(f"{src}: cannot read the model config{hint}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
         raise LlmqError(f"{src}: cannot read the model config: {str(e).splitlines()[0]}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = config.architectures or []
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal.intersection(archs)):
         raise LlmqError(
-            f"{src}: a {config.model_type!r} model ({', '.join(config.architectures or [])}) is not a causal LM; "
+            f"{src}: a {config.model_type!r} model ({', '.join(archs) or 'no architectures listed'}) is not a causal LM; "
             "llmq quantizes decoder-only language models (Llama, Mistral, Qwen2, GPT-2, OPT, ...)"
         )
     return config

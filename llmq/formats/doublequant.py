@@ -2,7 +2,8 @@
 
 Scales S [Rs, G] are re-quantized per group column in blocks of 256 consecutive rows (the last block of a
 column may be shorter): each block stores one fp32 offset (its minimum) and one fp32 step
-(max - min) / 255, and each scale a uint8 code, S ≈ offset + step·code. Blocking per column lets GPTQ
+(max - min) / 255, and each scale a uint8 code, S ≈ offset + step·code, rounded up
+(so a stored scale is never below the requested one). Blocking per column lets GPTQ
 double-quantize one group's scales as soon as it has computed them.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ def quantize(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     step = torch.where(step > 0, step, torch.ones_like(step))
     lo_r = lo.repeat_interleave(DQ_BLOCK, dim=1)[:, :Rs]
     step_r = step.repeat_interleave(DQ_BLOCK, dim=1)[:, :Rs]
-    codes = torch.clamp(torch.round((St - lo_r) / step_r), 0, 255).to(torch.uint8)
+    # ceil (less a hair for float noise): a stored scale is never below the requested one
+    codes = torch.clamp(torch.ceil((St - lo_r) / step_r - 1e-4), 0, 255).to(torch.uint8)
     return codes.t().contiguous(), step.contiguous(), lo.contiguous()
 
 

