@@ -1,4 +1,4 @@
-"""The `llmq` command line: quantize | inspect (argparse lives only here)."""
+"""The `llmq` command line: quantize | eval | report | inspect (argparse lives only here)."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,27 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+# ---- eval / report ------------------------------------------------------------------------------
+def cmd_eval(a) -> int:
+    from .checkpoint import atomic_write_json
+    from .eval.run import evaluate, print_record
+
+    record = evaluate(a)
+    print_record(record)
+    if a.json:
+        atomic_write_json(Path(a.json), record)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .eval.report import report
+
+    for path in report([Path(p) for p in a.results], Path(a.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmq", description="Weight-only quantization of Hugging Face causal LMs.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -117,6 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no progress bars or per-layer lines")
     o.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model (full precision or llmq) on a text",
+                       description="Perplexity with the GPTQ protocol: text tokenized once without BOS, "
+                                   "non-overlapping windows of --seqlen, exp(mean NLL of all scored tokens).")
+    e.add_argument("model", metavar="MODEL", help="llmq checkpoint dir, HF model dir, hub id, or .gguf file")
+    e.add_argument("--dataset", default=None, metavar="NAME|PATH",
+                   help="wikitext2 (default; read locally from ../shared/data/wikitext-2-raw when present), "
+                        "ptb, c4, a wikitext-2-raw dir, or a .txt/.jsonl file")
+    e.add_argument("--split", default="test", help="split (default test)")
+    e.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
+    e.add_argument("--stride", type=int, default=None, help="sliding windows every N tokens (default: seqlen)")
+    e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    e.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="activation dtype (default float32 on CPU, float16 on CUDA)")
+    e.add_argument("--label", default=None, help="name of this run in reports")
+    e.add_argument("--json", default=None, metavar="OUT", help="write the JSON record to OUT")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="compare eval results: markdown table and plots")
+    r.add_argument("results", nargs="+", metavar="RESULTS.json", help="records written by `llmq eval --json`")
+    r.add_argument("--out", required=True, metavar="DIR", help="where to write report.md and the PNGs")
+    r.set_defaults(func=cmd_report)
 
     i = sub.add_parser("inspect", help="show the schemes, sizes and bits per weight of a checkpoint")
     i.add_argument("dir", metavar="DIR", help="llmq checkpoint dir")

@@ -3,7 +3,8 @@
 A source is one of:
 - a directory holding WikiText-style raw files (`wiki.{split}.raw`), e.g. ../shared/data/wikitext-2-raw;
 - a `.txt` file (used as is) or a `.jsonl` file (the "text" field of each line, joined with "\\n\\n");
-- a dataset name: wikitext2, ptb, c4 (fetched with `datasets`; needs the Hugging Face Hub).
+- a dataset name: wikitext2, ptb, c4 (fetched with `datasets`; needs the Hugging Face Hub). `wikitext2` is
+  read from the local copy when one is found (see `find_local_wikitext`).
 
 WikiText is joined the way the GPTQ papers do: the split's rows joined with "\\n\\n".
 """
@@ -50,6 +51,8 @@ def load_text(source: str | None, split: str) -> tuple[str, str]:
                 "(wikitext2, c4, ptb) to fetch from the Hugging Face Hub"
             )
         source = str(local)
+    if source == "wikitext2" and find_local_wikitext() is not None:  # the same data, offline
+        source = str(find_local_wikitext())
     p = Path(source).expanduser()
     if p.is_dir():
         f = p / f"wiki.{split}.raw"

@@ -36,16 +36,47 @@ def make_tiny(model_type: str, vocab: int = 256, seed: int = 0, **over):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+SAMPLE_TEXT = " ".join(
+    f"The {w} of the {v} was {n} in {y}, and it is said that many {w}s were seen." for w, v, n, y in zip(
+        ["river", "castle", "king", "song", "ship", "city"] * 40, ["north", "valley", "empire", "people"] * 60,
+        ["built", "found", "sung", "lost", "named"] * 48, [str(1800 + i) for i in range(240)])
+)  # fmt: skip
+
+
+def make_tokenizer(vocab: int = 256):
+    """A byte-level BPE tokenizer trained offline on SAMPLE_TEXT (the tiny models have none of their own)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator([SAMPLE_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
-    """A factory: tiny_dir('llama') -> path of a saved random-init model dir."""
+    """A factory: tiny_dir('llama') -> path of a saved random-init model dir (with a tokenizer if asked)."""
 
-    def make(model_type: str = "llama", **over) -> Path:
+    def make(model_type: str = "llama", tokenizer: bool = False, **over) -> Path:
         d = tmp_path / f"tiny-{model_type}"
-        make_tiny(model_type, **over).save_pretrained(d)
+        model = make_tiny(model_type, vocab=300 if tokenizer else 256, **over)
+        model.save_pretrained(d)
+        if tokenizer:
+            make_tokenizer(300).save_pretrained(d)
         return d
 
     return make
+
+
+@pytest.fixture
+def sample_text(tmp_path) -> Path:
+    p = tmp_path / "calib.txt"
+    p.write_text(SAMPLE_TEXT)
+    return p
 
 
 def smollm2_path() -> Path | None:

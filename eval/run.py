@@ -1,0 +1,84 @@
+"""`llmq eval`: perplexity of a full-precision or llmq model, as a table and a JSON record."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from llmq.errors import LlmqError
+
+from .perplexity import perplexity, text_sha256
+
+
+def open_model(spec: str, device: str, dtype: torch.dtype | None):
+    """(model, tokenizer, facts about the model) for an llmq checkpoint dir or anything `sources` opens."""
+    from llmq import sources
+    from llmq.checkpoint import is_llmq_dir
+
+    p = Path(spec)
+    if p.is_dir() and is_llmq_dir(p):
+        from transformers import AutoTokenizer
+
+        from llmq.inspect import inspect_dir
+        from llmq.modeling import load_quantized
+
+        info = inspect_dir(p)
+        model = load_quantized(p, dtype=dtype, device=device)
+        try:
+            tok = AutoTokenizer.from_pretrained(p)
+        except (OSError, ValueError) as e:
+            raise LlmqError(f"{p}: no tokenizer in the checkpoint dir ({str(e).splitlines()[0]})") from None
+        qc = json.loads((p / "config.json").read_text())["quantization_config"]
+        facts = {"kind": "llmq", "method": (qc.get("method") or {}).get("name"), "scheme": info["default_scheme"],
+                 "bits_per_weight": info["bits_per_weight"], "file_bytes": info["file_bytes"]}  # fmt: skip
+        return model, tok, facts
+    src = sources.resolve(spec)
+    model, config = sources.load_model(src, dtype or torch.float32)
+    model.to(device)
+    tok, why = sources.load_tokenizer(src)
+    if tok is None:
+        raise LlmqError(f"{src}: no tokenizer ({why}); perplexity needs one")
+    files = [Path(src.path, src.gguf_file)] if src.gguf_file else list(Path(src.path).glob("*.safetensors")) \
+        if src.kind == "dir" else []  # fmt: skip
+    facts = {"kind": "fp", "method": "fp", "scheme": f"fp ({str(dtype or torch.float32).removeprefix('torch.')})",
+             "bits_per_weight": None, "file_bytes": sum(f.stat().st_size for f in files) or None}  # fmt: skip
+    return model, tok, facts
+
+
+def evaluate(a) -> dict:
+    from llmq.calibration import tokenize_text
+    from llmq.convert import peak_rss_mb, versions
+    from llmq.data import load_text
+    from llmq.modeling import DTYPES
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, facts = open_model(a.model, device, DTYPES.get(a.dtype) if a.dtype else None)
+    text, where = load_text(a.dataset, a.split)
+    tokens = tokenize_text(tok, text)
+    r = perplexity(model, tokens, a.seqlen, a.stride, a.max_windows, a.batch_size, device, quiet=a.quiet)
+    record = {
+        "label": a.label or (facts["scheme"] if facts["kind"] == "llmq" else "fp"),
+        "model": a.model, **facts,
+        "dataset": {"name": a.dataset or "wikitext2", "source": where, "split": a.split, "sha256": text_sha256(text),
+                    "tokens": len(tokens)},
+        "protocol": {"seqlen": a.seqlen, "stride": a.stride or a.seqlen, "max_windows": a.max_windows,
+                     "bos": False, "join": "\\n\\n" if "wiki" in where or a.dataset in (None, "wikitext2") else None,
+                     "batch_size": a.batch_size, "definition": "exp(mean NLL over all scored tokens)"},
+        **r, "device": str(device), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "versions": versions(), "machine": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    return record
+
+
+def print_record(r: dict) -> None:
+    bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "-"
+    print(f"{'model':<40} {'scheme':<22} {'bits/w':>7} {'ppl':>9} {'tokens':>9} {'time':>8}")
+    print(f"{str(r['model'])[-40:]:<40} {r['scheme']:<22} {bpw:>7} {r['perplexity']:>9.4f} "
+          f"{r['tokens_scored']:>9,} {r['seconds']:>7.1f}s")  # fmt: skip
+    print(f"dataset {r['dataset']['name']} ({r['dataset']['split']}, sha256 {r['dataset']['sha256'][:12]}…), "
+          f"seqlen {r['protocol']['seqlen']}, stride {r['protocol']['stride']}, {r['windows']} windows")  # fmt: skip
