@@ -55,8 +55,8 @@ def evaluate(a) -> dict:
     from llmq.modeling import DTYPES
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    text, where = load_text(a.dataset, a.split)  # a bad dataset fails before the model loads
     model, tok, facts = open_model(a.model, device, DTYPES.get(a.dtype) if a.dtype else None)
-    text, where = load_text(a.dataset, a.split)
     tokens = tokenize_text(tok, text)
     r = perplexity(model, tokens, a.seqlen, a.stride, a.max_windows, a.batch_size, device, quiet=a.quiet)
     record = {

@@ -76,6 +76,12 @@ def cmd_inspect(a) -> int:
     from .inspect import inspect_dir, print_table
 
     info = inspect_dir(Path(a.dir))
+    if a.plot:
+        from .eval.plots import plot_layer
+
+        out = Path(a.plot_out or f"{a.plot.replace('.', '_')}.png")
+        print(f"wrote {plot_layer(Path(a.dir), a.plot, out, a.source)}")
+        return 0
     if a.json:
         print(json.dumps(info, indent=2))
     else:
@@ -167,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show the schemes, sizes and bits per weight of a checkpoint")
     i.add_argument("dir", metavar="DIR", help="llmq checkpoint dir")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--plot", metavar="LAYER", default=None,
+                   help="write a PNG of this module's weights against its grid, and its per-group error")
+    i.add_argument("--plot-out", metavar="PNG", default=None, help="where to write the plot (default LAYER.png)")
+    i.add_argument("--source", metavar="MODEL", default=None,
+                   help="the full-precision model, for --plot (default: the one named in summary.json)")
     i.set_defaults(func=cmd_inspect)
     return p
 

