@@ -15,7 +15,8 @@ def inspect_dir(d: Path) -> dict:
     modules, q_bytes, q_weights = [], 0, 0
     for name in qc["quantized_modules"]:
         prefix = name + "."
-        parts = {k[len(prefix):]: v for k, v in sizes.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        parts = {k[len(prefix):]: v for k, v in sizes.items() if k.startswith(prefix) and "." not in k[len(prefix):]
+                 and k != qc.get("sentinel")}
         nbytes = sum(v for k, v in parts.items() if k != "bias")
         shape = qc["shapes"][name]
         n = shape[0] * shape[1]

@@ -27,6 +27,9 @@ def quantization_config(plan: QuantPlan, qweights: dict[str, QuantizedWeight], n
         "overrides": {k: v.to_dict() for k, v in sorted(plan.overrides.items())},
         "quantized_modules": list(qweights),
         "shapes": {k: list(q.shape) for k, q in qweights.items()},
+        "outlier_nnz": {k: int(q.parts["outlier_val"].numel()) for k, q in qweights.items() if "outlier_val" in q.parts},
+        "permuted_modules": [k for k, q in qweights.items() if q.perm is not None],
+        "sentinel": f"{next(iter(qweights))}.weight" if qweights else None,
         "modules_not_converted": not_converted,
         "method": method,
     }
@@ -59,6 +62,8 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
 def checkpoint_tensors(model, qweights: dict[str, QuantizedWeight], dtype: torch.dtype):
     """Yield (name -> tensor) chunks to store: quantized parts per module, everything else in `dtype`."""
     state = _unique_state(model)
+    if qweights:  # see llmq/hf.py: makes plain transformers refuse to load this checkpoint without llmq
+        yield {f"{next(iter(qweights))}.weight": torch.zeros(0, dtype=torch.uint8)}
     for name, qw in qweights.items():
         state.pop(f"{name}.weight", None)
         bias = state.pop(f"{name}.bias", None)
@@ -125,7 +130,7 @@ def load_quantized(d, dtype: torch.dtype | None = None, device: str | torch.devi
     spec = arch_for(config)
     for name in qc["quantized_modules"]:
         _install(model, name, reader, plan.scheme_for(name), qc["shapes"][name], spec.transposed, dtype, backend)
-    _load_rest(model, reader, set(qc["quantized_modules"]), dtype)
+    _load_rest(model, reader, set(qc["quantized_modules"]), dtype, qc.get("sentinel"))
     return model.to(device).eval()
 
 
@@ -138,7 +143,7 @@ def _install(model, name, reader, scheme, qc_shape, transposed, dtype, backend) 
     if list(shape) != list(qc_shape):
         raise LlmqError(f"{name}: checkpoint shape {list(qc_shape)} does not match the model's {list(shape)}")
     prefix = f"{name}."
-    names = [k for k in reader.keys() if k.startswith(prefix) and "." not in k[len(prefix):]]
+    names = [k for k in reader.keys() if k.startswith(prefix) and "." not in k[len(prefix):] and k != f"{name}.weight"]
     tensors = reader.load(names)
     parts = {k[len(prefix):]: v for k, v in tensors.items() if k != f"{name}.bias"}
     qw = QuantizedWeight.from_tensors(parts, shape, scheme, name)
@@ -150,8 +155,8 @@ def _install(model, name, reader, scheme, qc_shape, transposed, dtype, backend) 
     setattr(model.get_submodule(parent), child, q)
 
 
-def _load_rest(model, reader: CheckpointReader, quantized: set[str], dtype: torch.dtype) -> None:
-    qparts = {k for k in reader.keys() if k.rpartition(".")[0] in quantized}
+def _load_rest(model, reader: CheckpointReader, quantized: set[str], dtype: torch.dtype, sentinel: str | None) -> None:
+    qparts = {k for k in reader.keys() if k.rpartition(".")[0] in quantized and k != sentinel}
     want = [k for k, v in model.state_dict().items() if k not in qparts and v.is_meta]
     available = [k for k in want if k in reader.weight_map]
     tensors = reader.load(available)
@@ -161,6 +166,6 @@ def _load_rest(model, reader: CheckpointReader, quantized: set[str], dtype: torc
     missing = [k for k, v in model.state_dict().items() if v.is_meta]
     if missing:
         raise LlmqError(f"{reader.dir}: tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
-    unexpected = set(reader.keys()) - qparts - set(model.state_dict())
+    unexpected = set(reader.keys()) - qparts - set(model.state_dict()) - {sentinel}
     if unexpected:
         raise LlmqError(f"{reader.dir}: unexpected tensor(s) {sorted(unexpected)[:5]}; the checkpoint does not match config.json")

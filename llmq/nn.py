@@ -32,6 +32,24 @@ class QuantLinear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.backend = "reference" if backend == "auto" else backend
 
+    @classmethod
+    def skeleton(cls, shape: tuple[int, int], scheme: QuantScheme, bias: bool, nnz: int = 0, permuted: bool = False,
+                 backend: str = "auto") -> "QuantLinear":  # fmt: skip
+        """An empty QuantLinear on the meta device whose buffers have the stored dtypes and shapes, for a
+        loader to fill (transformers' from_pretrained)."""
+        from .qtensor import OPTIONAL_PARTS, expected_layout
+
+        parts = {}
+        for k, (dtype, shp) in expected_layout(shape, scheme).items():
+            parts[k] = torch.empty(shp if shp is not None else (nnz,), dtype=dtype, device="meta")
+        if permuted:
+            parts["perm"] = torch.empty(shape[1], dtype=OPTIONAL_PARTS["perm"], device="meta")
+        b = torch.empty(shape[0], device="meta") if bias else None
+        return cls(QuantizedWeight(tuple(shape), scheme, parts), b, backend)
+
+    def prepare(self) -> None:
+        """Called once the buffers hold real data: pick (and log) the backend."""
+
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight((self.out_features, self.in_features), self.scheme,
                                {k: getattr(self, k) for k in self.part_names})  # fmt: skip
