@@ -12,6 +12,10 @@ def __getattr__(name):  # heavy imports (transformers) only when used
         from . import modeling
 
         return getattr(modeling, name)
+    if name == "set_backend":
+        from .nn import set_backend
+
+        return set_backend
     if name in ("quantize",):
         from . import pipeline
 
@@ -20,4 +24,4 @@ def __getattr__(name):  # heavy imports (transformers) only when used
 
 
 __all__ = ["LlmqConfig", "QuantScheme", "GPTQConfig", "CalibConfig", "QuantPlan", "QuantizedWeight", "LlmqError",
-           "load_quantized", "save_quantized", "fake_quantize", "quantize"]  # fmt: skip
+           "load_quantized", "save_quantized", "fake_quantize", "quantize", "set_backend"]  # fmt: skip

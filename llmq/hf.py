@@ -37,8 +37,9 @@ class LlmqConfig(QuantizationConfigMixin):
     """Either the `quantization_config` of an llmq checkpoint (pre-quantized), or a request to quantize at
     load time: LlmqConfig(method="rtn" | "nf4", bits=4, group_size=128, sym=False, double_quant=False, ...).
 
-    backend: "auto" | "reference" | "cpu" | "triton" for the QuantLinear layers (a loading attribute: it
-    may be passed with a pre-quantized checkpoint too)."""
+    backend: "auto" | "reference" | "cpu" | "triton" for the QuantLinear layers quantized on the fly. For a
+    pre-quantized checkpoint transformers ignores a passed config (it keeps the checkpoint's); set
+    LLMQ_BACKEND before loading, or call llmq.set_backend(model, name) after."""
 
     def __init__(self, method: str | dict = "rtn", backend: str = "auto", modules_to_not_convert=None, **kwargs):
         self.quant_method = QUANT_METHOD
@@ -167,6 +168,11 @@ class LlmqHfQuantizer(HfQuantizer):
                                                                   requires_grad=False))  # fmt: skip
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, q)
+            p = model.get_submodule(parent)
+            if not any(True for _ in p.parameters(recurse=False)):
+                # its own _init_weights (e.g. GPT-2's scaled c_proj init) would reach for child.weight; the
+                # children's tensors come from the checkpoint, so there is nothing of its own to initialise
+                p._is_hf_initialized = True
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -174,11 +180,14 @@ class LlmqHfQuantizer(HfQuantizer):
             mod = model.get_submodule(name)
             if "weight" in mod._parameters:
                 del mod._parameters["weight"]
-            meta = [k for k in mod.part_names if getattr(mod, k).is_meta]
-            if meta:
-                raise LlmqError(f"{name}: tensor(s) {', '.join(name + '.' + k for k in meta)} missing from the checkpoint")
+            # what the loader filled carries _is_hf_initialized; a part it did not find is left uninitialised
+            missing = [k for k in mod.part_names if not getattr(getattr(mod, k), "_is_hf_initialized", False)
+                       and not getattr(mod, k).is_meta]  # fmt: skip (meta = offloaded by accelerate: loaded later)
+            if missing:
+                raise LlmqError(f"{name}: tensor(s) {', '.join(name + '.' + k for k in missing)} missing from the "
+                                "checkpoint; re-copy or re-quantize the model")  # fmt: skip
             mod.quantized_weight().validate(name)
-            mod.prepare()
+            mod.prepare(name)
         if not self.pre_quantized:
             self.quantization_config.record = self._record(model)
             self.quantization_config.pre = True

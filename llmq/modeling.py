@@ -152,6 +152,7 @@ def _install(model, name, reader, scheme, qc_shape, transposed, dtype, backend) 
         raise LlmqError(f"{name}.bias: {'missing from' if bias is None else 'unexpected in'} the checkpoint")
     parent, _, child = name.rpartition(".")
     q = QuantLinear(qw, None if bias is None else bias.to(dtype), backend=backend)
+    q.prepare(name)
     setattr(model.get_submodule(parent), child, q)
 
 

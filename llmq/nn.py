@@ -3,10 +3,15 @@
 The packed parts are registered as buffers under their stored names (`qweight`, `scales`, ...), so the
 module's state dict is exactly the checkpoint's tensors. Backends:
   reference  dequantize the whole weight, then matmul; serves every scheme on every device.
+  cpu        PyTorch's native int4 / int8 packed kernels (see backends.py), repacked once in `prepare()`.
+  triton     fused dequant-GEMM kernels on CUDA (llmq.kernels).
+"auto" picks triton on CUDA, cpu on CPU where it serves the layer, else reference, and logs its choice once
+per (backend, reason). A backend asked for by name that cannot serve a layer raises, naming the layer.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +21,14 @@ from .errors import LlmqError
 from .qtensor import QuantizedWeight
 
 log = logging.getLogger("llmq")
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "cpu", "triton")
+_logged: set = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
 
 
 class QuantLinear(torch.nn.Module):
@@ -30,7 +42,14 @@ class QuantLinear(torch.nn.Module):
         for k, v in qweight.parts.items():
             self.register_buffer(k, v)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-        self.backend = "reference" if backend == "auto" else backend
+        self.requested = os.environ.get("LLMQ_BACKEND", "auto") if backend == "auto" else backend
+        if self.requested not in BACKENDS:
+            raise LlmqError(f"LLMQ_BACKEND={self.requested!r} is not a backend; choose one of {BACKENDS}")
+        self.backend = None  # chosen in prepare(), once the buffers hold data
+        self.name = ""
+        self._packed: dict = {}
+        if not any(v.is_meta for v in qweight.parts.values()):
+            self.prepare()
 
     @classmethod
     def skeleton(cls, shape: tuple[int, int], scheme: QuantScheme, bias: bool, nnz: int = 0, permuted: bool = False,
@@ -47,16 +66,107 @@ class QuantLinear(torch.nn.Module):
         b = torch.empty(shape[0], device="meta") if bias else None
         return cls(QuantizedWeight(tuple(shape), scheme, parts), b, backend)
 
-    def prepare(self) -> None:
-        """Called once the buffers hold real data: pick (and log) the backend."""
+    def prepare(self, name: str | None = None) -> None:
+        """Called once the buffers hold real data (and again after a move to another device): pick the
+        backend, and repack for it."""
+        from . import backends
+
+        self.name = name or self.name
+        where = self.name or f"QuantLinear({self.in_features}->{self.out_features})"
+        dev = self.qweight.device
+        shape = (self.out_features, self.in_features)
+        want = self.requested
+        if dev.type == "meta":  # offloaded by accelerate: tensors arrive per forward, nothing to repack once
+            if want not in ("auto", "reference"):
+                raise LlmqError(f"{where}: backend {want!r} cannot serve a layer offloaded by device_map")
+            _log_once("llmq: layers offloaded by device_map use the reference backend")
+            self.backend, self._packed = "reference", {}
+            return
+        if want == "triton" or (want == "auto" and dev.type == "cuda"):
+            from .kernels import triton_why_not
+
+            why = triton_why_not(self.scheme, shape, dev)
+            if why is None:
+                self.backend = "triton"
+            elif want == "triton":
+                raise LlmqError(f"{where}: backend 'triton' cannot serve this layer: {why}")
+            else:
+                _log_once(f"llmq: triton backend unavailable ({why}); using the reference backend")
+                self.backend = "reference"
+        elif want == "cpu" or (want == "auto" and dev.type == "cpu"):
+            why = backends.cpu_supports(self.scheme, shape) if dev.type == "cpu" else f"tensors are on {dev}"
+            if why is None:
+                self.backend = "cpu"
+            elif want == "cpu":
+                raise LlmqError(f"{where}: backend 'cpu' cannot serve {why}")
+            else:
+                _log_once(f"llmq: cpu backend cannot serve {why}; those layers use the reference backend")
+                self.backend = "reference"
+        else:
+            self.backend = "reference"
+        if self.backend != "reference":
+            _log_once(f"llmq: using the {self.backend} backend")
+        qw = self.quantized_weight()
+        self._packed = {}
+        if self.backend == "cpu":
+            self._packed = backends.repack_int8(qw) if self.scheme.bits == 8 else backends.repack_int4(qw)
+        elif self.backend == "triton":
+            from .kernels import repack_for_triton
+
+            self._packed = repack_for_triton(qw)
+        if self.backend != "reference":
+            self._packed["outliers"] = backends.outlier_correction(qw)
+        for k in [k for k in self._buffers if k.startswith("repacked_")]:
+            del self._buffers[k]
+        for k, v in self._packed.items():  # counted by get_memory_footprint(), kept out of the state dict
+            if isinstance(v, torch.Tensor) and v.layout == torch.strided:
+                self.register_buffer(f"repacked_{k}", v, persistent=False)
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight((self.out_features, self.in_features), self.scheme,
                                {k: getattr(self, k) for k in self.part_names})  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self.quantized_weight().dequantize(x.dtype)  # [out, in]
-        return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.backend is None:
+            self.prepare()
+        if self.backend == "reference":
+            W = self.quantized_weight().dequantize(x.dtype)  # [out, in]
+            return F.linear(x, W, bias)
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if "perm" in self.part_names:
+            x2 = x2[:, self.perm.long()]
+        if self.backend == "cpu":
+            from .backends import cpu_matmul
+
+            y = cpu_matmul(x2, self._packed)
+        else:
+            from .kernels import triton_matmul
+
+            y = triton_matmul(x2, self._packed)
+        S = self._packed.get("outliers")
+        if S is not None:
+            y = y + torch.sparse.mm(S, x2.t().float()).t().to(y.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.describe()}, backend={self.backend}"
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) etc.: repack for the new device on next use
+        out = super()._apply(fn, *args, **kwargs)
+        self._packed, self.backend = {}, None
+        return out
+
+
+def set_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """Switch every QuantLinear of `model` to `backend` ("auto", "reference", "cpu", "triton"); raises,
+    naming the layer, if the backend cannot serve one. (The default at load time is $LLMQ_BACKEND or auto.)"""
+    if backend not in BACKENDS:
+        raise LlmqError(f"backend={backend!r} is not available; choose one of {BACKENDS}")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            m.requested = backend
+            m.prepare(name)
+    return model

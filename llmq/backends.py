@@ -1,0 +1,94 @@
+"""QuantLinear backends other than `reference`: what each can serve, and its repacked form.
+
+cpu (PyTorch's native packed kernels, repacked once at load; buffers are non-persistent, so the state
+dict stays the checkpoint's layout):
+  - int4, group 32/64/128/256 dividing in_features (per-channel / per-tensor via groups of 128 or 256
+    with repeated scales): `torch._weight_int4pack_mm_for_cpu`, which computes w = (q - 8)·s + zero' with
+    bf16 activations; ours is w = s·(q - z), so zero' = s·(8 - z). Activations are cast to bf16.
+  - int8, per channel or per tensor: `torch._weight_int8pack_mm` (w = int8 · s per row) on q - 128, plus
+    s·(128 - z)·Σx for asymmetric zero points. Activations keep their dtype.
+Outliers are a sparse correction added after the matmul (y += x·Sᵀ, S = exact - dequantized at those
+entries); a permutation gathers the activations first (x[:, perm]).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .config import PER_CHANNEL, PER_TENSOR, QuantScheme
+from .formats import grouping
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def int4_group(scheme: QuantScheme, in_features: int) -> int | None:
+    """The tinygemm group size that serves this scheme, or None."""
+    if scheme.format != "int" or scheme.bits != 4:
+        return None
+    if scheme.group_size in (PER_CHANNEL, PER_TENSOR):
+        return next((g for g in (256, 128) if in_features % g == 0), None)
+    return scheme.group_size if scheme.group_size in INT4_GROUPS and in_features % scheme.group_size == 0 else None
+
+
+def cpu_supports(scheme: QuantScheme, shape: tuple[int, int]) -> str | None:
+    """None if the cpu backend can serve this layer, else why not."""
+    N, K = shape
+    if scheme.format == "int" and scheme.bits == 8:
+        return None if scheme.group_size in (PER_CHANNEL, PER_TENSOR) else "int8 with groups (native op is per channel)"
+    if int4_group(scheme, K) is None:
+        return (f"{scheme.describe()}: the native ops serve int4 with groups {INT4_GROUPS} dividing "
+                f"in_features={K}, and int8 per channel")  # fmt: skip
+    if N % 16 or K % 32:  # tinygemm's packing tiles
+        return f"shape {shape}: int4 packing needs out_features % 16 == 0 and in_features % 32 == 0"
+    return None
+
+
+def outlier_correction(qw) -> torch.Tensor | None:
+    """Sparse [N, K] fp32 (CSR) of exact minus dequantized values at the outliers, stored column order."""
+    if "outlier_crow" not in qw.parts:
+        return None
+    rows, cols, vals = qw.outliers()
+    plain = qw.__class__(qw.shape, qw.scheme, {k: v for k, v in qw.parts.items() if not k.startswith("outlier_")}
+                         | {"outlier_crow": torch.zeros(qw.shape[0] + 1, dtype=torch.int32),
+                            "outlier_col": qw.parts["outlier_col"][:0], "outlier_val": qw.parts["outlier_val"][:0]})  # fmt: skip
+    delta = vals.float() - plain.dequantize_stored()[rows, cols]  # CSR order, as stored
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(qw.parts["outlier_crow"].long(), cols, delta, qw.shape)
+
+
+def repack_int4(qw) -> dict[str, torch.Tensor]:
+    N, K = qw.shape
+    gs = int4_group(qw.scheme, K)
+    codes = qw.codes().to(torch.int32)  # [N, K]
+    s = grouping.expand(qw.scales(), qw.shape, qw.scheme.group_size)  # [N, K] per-column scale
+    z = qw.zeros()
+    z = torch.full_like(s, 8.0) if z is None else grouping.expand(z, qw.shape, qw.scheme.group_size)
+    s_g = s[:, ::gs]  # [N, K/gs]: constant within each tinygemm group
+    zero_g = (s * (8 - z))[:, ::gs]
+    sz = torch.stack([s_g.t(), zero_g.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/gs, N, 2]
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return {"int4_packed": packed, "int4_sz": sz, "int4_gs": torch.tensor(gs)}
+
+
+def repack_int8(qw) -> dict[str, torch.Tensor]:
+    N, K = qw.shape
+    w8 = (qw.codes().to(torch.int16) - 128).to(torch.int8)
+    s = qw.scales().reshape(-1).expand(N).contiguous()  # [N] (per tensor: one value repeated)
+    z = qw.zeros()
+    c = None if z is None else (s * (128 - z.reshape(-1).expand(N)))  # [N]
+    return {"int8_w": w8, "int8_s": s.float(), "int8_c": c}
+
+
+def cpu_matmul(x2: torch.Tensor, packed: dict) -> torch.Tensor:
+    """x2 [M, K] (already permuted) -> [M, N] in x2's dtype."""
+    if "int4_packed" in packed:
+        y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed["int4_packed"],
+                                             int(packed["int4_gs"]), packed["int4_sz"])  # fmt: skip
+        return y.to(x2.dtype)
+    s = packed["int8_s"].to(x2.dtype)
+    y = torch._weight_int8pack_mm(x2.contiguous(), packed["int8_w"], s)
+    if packed["int8_c"] is not None:
+        y = y + x2.sum(-1, keepdim=True) * packed["int8_c"].to(x2.dtype)
+    return y
