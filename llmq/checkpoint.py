@@ -113,6 +113,7 @@ class CheckpointWriter:
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffer_bytes = 0
         self.next_part = first_part
+        self.written: list[str] = []  # part files written so far, in order
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
@@ -127,9 +128,14 @@ class CheckpointWriter:
             return None
         path = self.out / f"{PART_PREFIX}{self.next_part:05d}.safetensors"
         atomic_save_tensors(path, self.buffer)
+        self.written.append(path.name)
         self.buffer, self.buffer_bytes = {}, 0
         self.next_part += 1
         return path
+
+    def written_all(self, out: Path) -> list[str]:
+        """Every part file in the dir (this run's and a resumed run's earlier ones)."""
+        return sorted(p.name for p in out.glob(f"{PART_PREFIX}*.safetensors"))
 
     def finish(self, config: dict) -> list[Path]:
         """Flush, rename parts to final shard names, write the index, then config.json (last)."""

@@ -136,11 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize columns by decreasing Hessian diagonal (default on)")
     g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
                    help="with act-order: fix group scales up front, no permutation stored (default on)")
+    d = q.add_argument_group("devices")
+    d.add_argument("--device", default=None, help="run the active layer on this device, e.g. cuda:0 (default cpu)")
+    d.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU when the layer runs on a GPU")
     o = q.add_argument_group("output")
     o.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="storage dtype of the layers left in full precision (default float16)")
     o.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest shard file (default 2GB)")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing llmq output dir")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an existing llmq output dir (an interrupted one is resumed without this)")
     o.add_argument("--quiet", action="store_true", help="no progress bars or per-layer lines")
     o.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     q.set_defaults(func=cmd_quantize)

@@ -1,99 +1,37 @@
-"""`llmq quantize`: source model -> quantized checkpoint dir, with a summary. Nothing half-written survives
-a failure: the output dir is removed (or emptied) and `config.json`, written last, never appears."""
+"""`llmq quantize`: source model -> quantized checkpoint dir, streamed layer by layer, resumable.
+
+Flow: open the source lazily (lazy.py) -> [GPTQ: capture layer-0 inputs] -> for each decoder layer: read it,
+quantize it, write its tensors to a part file, record it in the manifest (progress.py), release it -> write
+the embeddings / norm / head -> index -> config.json (last). A failure keeps the finished layers: rerunning
+the same command resumes; nothing is ever left that loads as a complete model.
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform
 import resource
-import shutil
+import signal
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import atomic_write_json, prepare_output_dir
+from .checkpoint import CheckpointWriter, atomic_write_json, atomic_write_text
 from .config import CalibConfig, GPTQConfig, QuantPlan
+from .errors import LlmqError
+from .progress import Progress
 
 log = logging.getLogger("llmq")
+CRASH_ENV = "LLMQ_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL this process right after layer N is recorded
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def convert(a) -> dict:
-    from . import sources
-    from .archs import arch_for
-    from .cli import human_bytes, scheme_from_args
-    from .modeling import DTYPES, save_quantized
-    from .pipeline import quantize
-
-    plan = QuantPlan(scheme_from_args(a))
-    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups) if a.method == "gptq" else None
-    ccfg = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
-                       token_range=a.calib_range) if a.method == "gptq" else None  # fmt: skip
-    src = sources.resolve(a.model)
-    arch_for(sources.load_config(src))  # unsupported architecture: fail before any heavy work
-    out = Path(a.out)
-    created = prepare_output_dir(out, a.overwrite)
-    try:
-        t0 = time.perf_counter()
-        model, _ = sources.load_model(src)
-        tokenizer, why = sources.load_tokenizer(src)
-        if tokenizer is None:
-            log.warning("no tokenizer saved: %s", why)
-        t_load = time.perf_counter() - t0
-        calib = None
-        if a.method == "gptq":
-            from .calibration import calibration_windows
-
-            calib = calibration_windows(ccfg, tokenizer)
-        t1 = time.perf_counter()
-        reports: list = []
-        extra = {"reports": reports} if a.method == "gptq" else {}
-        qweights = quantize(model, plan, calib, method=a.method, gptq=gcfg, quiet=a.quiet, **extra)
-        t_quant = time.perf_counter() - t1
-        method = {"name": a.method, **({"gptq": vars_of(gcfg), "calibration": vars_of(ccfg)} if gcfg else {})}
-        q_bytes = sum(q.nbytes() for q in qweights.values())
-        q_weights = sum(q.shape[0] * q.shape[1] for q in qweights.values())
-        summary = {
-            "llmq_version": __version__, "model": str(src), "out": str(out), "method": method,
-            "scheme": plan.default.to_dict(), "scheme_name": plan.default.describe(),
-            "quantized_modules": len(qweights), "quantized_weights": q_weights, "quantized_bytes": q_bytes,
-            "bits_per_weight": 8 * q_bytes / max(q_weights, 1),
-            "load_time_s": round(t_load, 2), "quantize_time_s": round(t_quant, 2),
-            "layers": [dataclasses.asdict(r) for r in reports],
-            "versions": versions(), "machine": platform.platform(),
-        }  # fmt: skip
-        atomic_write_json(out / "summary.json", summary)
-        save_quantized(model, qweights, out, plan, method, DTYPES[a.dtype], tokenizer, a.max_shard_size)
-        summary["file_bytes"] = sum(p.stat().st_size for p in out.glob("model*.safetensors"))
-        summary["total_time_s"] = round(time.perf_counter() - t0, 2)
-        summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        atomic_write_json(out / "summary.json", summary)
-    except BaseException:
-        _discard(out, created)
-        raise
-    if not a.quiet:
-        print(f"quantized {len(qweights)} linears of {src} with {a.method} {plan.default.describe()} "
-              f"in {t_quant:.1f}s: {summary['bits_per_weight']:.3f} bits per weight, "
-              f"{human_bytes(q_bytes)} quantized; {human_bytes(summary['file_bytes'])} on disk in {out}")  # fmt: skip
-    return summary
-
-
-def _discard(out: Path, created: bool) -> None:
-    """Remove what a failed conversion wrote."""
-    if created:
-        shutil.rmtree(out, ignore_errors=True)
-    elif out.is_dir():
-        for p in out.iterdir():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def vars_of(obj) -> dict:
-    return dataclasses.asdict(obj)
 
 
 def versions() -> dict:
@@ -102,3 +40,180 @@ def versions() -> dict:
 
     return {"llmq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}  # fmt: skip
+
+
+def _args_record(a, src, plan, gcfg, ccfg) -> dict:
+    """Everything that changes the output: the resume fingerprint is taken over this."""
+    calib = dataclasses.asdict(ccfg) if ccfg else None
+    if calib and calib["source"] and Path(calib["source"]).exists():
+        calib["source"] = str(Path(calib["source"]).resolve())
+    return {"model": str(src), "method": a.method, "scheme": plan.default.to_dict(),
+            "gptq": dataclasses.asdict(gcfg) if gcfg else None, "calibration": calib, "dtype": a.dtype,
+            "max_shard_size": a.max_shard_size, "device": a.device, "llmq": __version__}  # fmt: skip
+
+
+def _read_layer(out: Path, parts: list[str], modules: dict, plan: QuantPlan) -> dict:
+    """The QuantizedWeights of a finished layer, read back from its part files."""
+    from .qtensor import QuantizedWeight
+
+    tensors = {}
+    for p in parts:
+        with safe_open(out / p, "pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    qw = {}
+    for name, facts in modules.items():
+        pre = name + "."
+        own = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre) and k[len(pre):] not in ("bias", "weight")}
+        qw[name] = QuantizedWeight.from_tensors(own, facts["shape"], plan.scheme_for(name), name)
+    return qw
+
+
+def convert(a) -> dict:
+    from . import sources
+    from .archs import arch_for, decoder_layers
+    from .cli import human_bytes, scheme_from_args
+    from .lazy import LazyModel
+    from .modeling import DTYPES, linear_names, module_facts, quantization_config, sentinel_tensor, stored_tensors
+    from .pipeline import (LayerReport, advance, gptq_layer, install_dequantized, log_layer, rtn_layer,
+                           start_activations)  # fmt: skip
+
+    plan = QuantPlan(scheme_from_args(a))
+    gptq = a.method == "gptq"
+    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups) if gptq else None
+    ccfg = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
+                       token_range=a.calib_range) if gptq else None  # fmt: skip
+    if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LlmqError(f"--device {a.device}: CUDA is not available on this machine; use --device cpu")
+    dtype = DTYPES[a.dtype]
+    src = sources.resolve(a.model)
+    config = sources.load_config(src)
+    spec = arch_for(config)  # unsupported architecture: fail before any heavy work
+    out = Path(a.out)
+    prog = Progress.open(out, _args_record(a, src, plan, gcfg, ccfg), a.overwrite)
+    t0 = time.perf_counter()
+    try:
+        lazy = LazyModel(src, config, spec)
+        model = lazy.model
+        tokenizer, why = sources.load_tokenizer(src)
+        if tokenizer is None:
+            log.warning("no tokenizer saved: %s", why)
+        acts = None
+        if gptq:
+            from .calibration import calibration_windows
+
+            acts = start_activations(model, spec, calibration_windows(ccfg, tokenizer), a.device or "cpu",
+                                     "cpu" if a.offload_activations else (a.device or "cpu"))  # fmt: skip
+        t_load = time.perf_counter() - t0
+        writer = CheckpointWriter(out, a.max_shard_size, first_part=prog.next_part)
+        n_layers = len(decoder_layers(model, spec))
+        bar = tqdm(range(n_layers), desc=f"quantize ({a.method})", unit="layer", disable=a.quiet)
+        for i in bar:
+            layer = lazy.layer(i)
+            if i in prog.layers:  # finished before an interruption
+                if gptq:
+                    install_dequantized(layer, i, spec, _read_layer(out, prog.layers[i]["parts"],
+                                                                    prog.layers[i]["modules"], plan))  # fmt: skip
+                    advance(layer, acts)
+                lazy.release(i)
+                continue
+            t1 = time.perf_counter()
+            if gptq:
+                q, rep = gptq_layer(layer, i, spec, plan, gcfg, acts)
+            else:
+                q = rtn_layer(layer, i, spec, plan)
+                rep = LayerReport(i, time.perf_counter() - t1, None, {n: w.bits_per_weight() for n, w in q.items()})
+            state = {f"{spec.layers}.{i}.{k}": v for k, v in layer.state_dict().items()}
+            first = len(writer.written)
+            writer.add(stored_tensors(state, q, dtype))
+            writer.flush()
+            prog.layer_done(i, writer.written[first:], writer.next_part, {n: module_facts(w) for n, w in q.items()},
+                            dataclasses.asdict(rep))  # fmt: skip
+            log_layer(rep, bar, a.quiet)
+            del q, state
+            lazy.release(i)
+            if os.environ.get(CRASH_ENV) == str(i):
+                os.kill(os.getpid(), signal.SIGKILL)
+        facts = {n: f for i in sorted(prog.layers) for n, f in prog.layers[i]["modules"].items()}
+        rest = {k: v for k, v in _unique_nonlayer_state(model, spec).items()}
+        writer.add(sentinel_tensor(next(iter(facts))) | stored_tensors(rest, {}, dtype))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out)
+        method = {"name": a.method, **({"gptq": dataclasses.asdict(gcfg), "calibration": prog.args["calibration"]}
+                                       if gptq else {})}  # fmt: skip
+        q_bytes = sum(f["bytes"] for f in facts.values())
+        q_weights = sum(f["shape"][0] * f["shape"][1] for f in facts.values())
+        summary = {
+            "llmq_version": __version__, "model": str(src), "out": str(out), "method": method,
+            "scheme": plan.default.to_dict(), "scheme_name": plan.default.describe(), "arguments": prog.args,
+            "streamed": lazy.streamed, "quantized_modules": len(facts), "quantized_weights": q_weights,
+            "quantized_bytes": q_bytes, "bits_per_weight": 8 * q_bytes / max(q_weights, 1),
+            "load_time_s": round(t_load, 2), "layers": [prog.layers[i]["report"] for i in sorted(prog.layers)],
+            "versions": versions(), "machine": platform.platform(),
+        }  # fmt: skip
+        cfg = model.config.to_dict()
+        cfg["dtype"] = a.dtype
+        not_conv = [n for n in linear_names(model) if n not in facts]
+        cfg["quantization_config"] = quantization_config(plan, facts, not_conv, method)
+        writer.flush()
+        summary["file_bytes"] = sum((out / p).stat().st_size for p in writer.written_all(out))
+        summary["total_time_s"] = round(time.perf_counter() - t0, 2)
+        summary["quantize_time_s"] = round(sum(r["seconds"] for r in summary["layers"] if r), 2)
+        summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        atomic_write_json(out / "summary.json", summary)
+        atomic_write_text(out / "README.md", model_card(summary))
+        writer.finish(cfg)  # shards renamed, index, then config.json last
+        prog.finish()
+    except BaseException as e:
+        _on_failure(out, prog, e)
+        raise
+    if not a.quiet:
+        print(f"quantized {len(facts)} linears of {src} with {a.method} {plan.default.describe()} in "
+              f"{summary['total_time_s']:.1f}s: {summary['bits_per_weight']:.3f} bits per weight, "
+              f"{human_bytes(q_bytes)} quantized; {human_bytes(summary['file_bytes'])} on disk in {out}")  # fmt: skip
+    return summary
+
+
+def _unique_nonlayer_state(model, spec) -> dict:
+    from .modeling import _unique_state
+
+    return {k: v for k, v in _unique_state(model).items() if not k.startswith(spec.layers + ".")}
+
+
+def _on_failure(out: Path, prog: Progress, e: BaseException) -> None:
+    """Keep finished layers for a resume; remove a dir that holds nothing worth resuming."""
+    import shutil
+
+    if not prog.layers:
+        if prog.created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for p in out.iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return
+    (out / "config.json").unlink(missing_ok=True)  # never look complete
+    log.warning("llmq: %d finished layer(s) kept in %s; rerun the same command to resume", len(prog.layers), out)
+    if isinstance(e, OSError) and e.errno == 28:
+        raise LlmqError(f"{out}: no space left on device; free space, then rerun the same command to resume") from None
+
+
+def model_card(s: dict) -> str:
+    sch = s["scheme"]
+    calib = s["method"].get("calibration")
+    lines = [
+        f"# {Path(s['model']).name} quantized with llmq", "",
+        f"Quantized with [llmq](https://pypi.org/project/llmq/) {s['llmq_version']}: method **{s['method']['name']}**, "
+        f"scheme **{s['scheme_name']}** ({sch['bits']}-bit {sch['format']}, group size {sch['group_size']}, "
+        f"{'symmetric' if sch['sym'] else 'asymmetric'}{', double-quantized scales' if sch['double_quant'] else ''}"
+        f"{', clip search' if sch['clip_search'] else ''}{', %g%% outliers in fp16' % (100 * sch['outliers']) if sch['outliers'] else ''}).",
+        "", f"- Measured bits per weight of the quantized linears (all metadata counted): **{s['bits_per_weight']:.3f}**",
+        f"- Quantized linears: {s['quantized_modules']} ({s['quantized_weights']:,} weights)",
+        f"- Calibration: {calib['nsamples']} × {calib['seqlen']} tokens from {calib['source'] or 'local WikiText-2'} "
+        f"({calib['split']} split, seed {calib['seed']})" if calib else "- Calibration: none (round-to-nearest)",
+        f"- Source: `{s['model']}`", "", "## Use", "", "```python",
+        "import llmq  # registers the loader", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", "",
+        "Without `import llmq`, transformers refuses this checkpoint (it does not know the packed format).", "",
+    ]  # fmt: skip
+    return "\n".join(lines)

@@ -194,11 +194,11 @@ class LlmqHfQuantizer(HfQuantizer):
         return model
 
     def _record(self, model) -> dict:
-        from .modeling import quantization_config
+        from .modeling import module_facts, quantization_config
 
-        qweights = {n: model.get_submodule(n).quantized_weight() for n in self.targets}
+        facts = {n: module_facts(model.get_submodule(n).quantized_weight()) for n in self.targets}
         not_conv = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        return quantization_config(self.plan, qweights, not_conv, {"name": "rtn", "on_the_fly": True})
+        return quantization_config(self.plan, facts, not_conv, {"name": "rtn", "on_the_fly": True})
 
     def get_state_dict_and_metadata(self, model):
         """save_pretrained: the model's state plus the sentinel, and llmq's shard metadata."""

@@ -17,19 +17,25 @@ from .qtensor import QuantizedWeight
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def quantization_config(plan: QuantPlan, qweights: dict[str, QuantizedWeight], not_converted: list[str],
-                        method: dict) -> dict:  # fmt: skip
+def module_facts(qw: QuantizedWeight) -> dict:
+    """What config.json records of one quantized module (enough to rebuild its QuantLinear skeleton)."""
+    return {"shape": list(qw.shape), "nnz": int(qw.parts["outlier_val"].numel()) if "outlier_val" in qw.parts else 0,
+            "perm": qw.perm is not None, "bytes": qw.nbytes()}  # fmt: skip
+
+
+def quantization_config(plan: QuantPlan, facts: dict[str, dict], not_converted: list[str], method: dict) -> dict:
+    """`facts`: module name -> module_facts(...), in layer order."""
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "llmq_version": __version__,
         "scheme": plan.default.to_dict(),
         "overrides": {k: v.to_dict() for k, v in sorted(plan.overrides.items())},
-        "quantized_modules": list(qweights),
-        "shapes": {k: list(q.shape) for k, q in qweights.items()},
-        "outlier_nnz": {k: int(q.parts["outlier_val"].numel()) for k, q in qweights.items() if "outlier_val" in q.parts},
-        "permuted_modules": [k for k, q in qweights.items() if q.perm is not None],
-        "sentinel": f"{next(iter(qweights))}.weight" if qweights else None,
+        "quantized_modules": list(facts),
+        "shapes": {k: f["shape"] for k, f in facts.items()},
+        "outlier_nnz": {k: f["nnz"] for k, f in facts.items() if f["nnz"]},
+        "permuted_modules": [k for k, f in facts.items() if f["perm"]],
+        "sentinel": f"{next(iter(facts))}.weight" if facts else None,
         "modules_not_converted": not_converted,
         "method": method,
     }
@@ -53,22 +59,39 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _linear_names(model: torch.nn.Module) -> list[str]:
+def linear_names(model: torch.nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
 
 
-def checkpoint_tensors(model, qweights: dict[str, QuantizedWeight], dtype: torch.dtype):
-    """Yield (name -> tensor) chunks to store: quantized parts per module, everything else in `dtype`."""
-    state = _unique_state(model)
-    if qweights:  # see llmq/hf.py: makes plain transformers refuse to load this checkpoint without llmq
-        yield {f"{next(iter(qweights))}.weight": torch.zeros(0, dtype=torch.uint8)}
+def sentinel_tensor(first_module: str) -> dict[str, torch.Tensor]:
+    """See llmq/hf.py: makes plain transformers refuse to load an llmq checkpoint without llmq imported."""
+    return {f"{first_module}.weight": torch.zeros(0, dtype=torch.uint8)}
+
+
+def stored_tensors(state: dict[str, torch.Tensor], qweights: dict[str, QuantizedWeight], dtype: torch.dtype) -> dict:
+    """What the checkpoint holds for `state` (part of a state dict): quantized modules' packed parts instead
+    of their weights, every other float tensor in the storage `dtype`."""
+    out = {}
     for name, qw in qweights.items():
-        state.pop(f"{name}.weight", None)
-        bias = state.pop(f"{name}.bias", None)
-        yield qw.tensors(name) | ({f"{name}.bias": bias.to(dtype)} if bias is not None else {})
-    yield {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+        out |= qw.tensors(name)
+    skip = {f"{n}.weight" for n in qweights}
+    for k, v in state.items():
+        if k not in skip:
+            out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def checkpoint_tensors(model, qweights: dict[str, QuantizedWeight], dtype: torch.dtype):
+    """Yield (name -> tensor) chunks to store for an in-memory model."""
+    if qweights:
+        yield sentinel_tensor(next(iter(qweights)))
+    state = _unique_state(model)
+    for name, qw in qweights.items():
+        part = {k: state.pop(k) for k in (f"{name}.weight", f"{name}.bias") if k in state}
+        yield stored_tensors(part, {name: qw}, dtype)
+    yield stored_tensors(state, {}, dtype)
 
 
 def save_quantized(
@@ -87,8 +110,9 @@ def save_quantized(
         gen.save_pretrained(out)
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
-    not_converted = [n for n in _linear_names(model) if n not in qweights]
-    config["quantization_config"] = quantization_config(plan, qweights, not_converted, method)
+    not_converted = [n for n in linear_names(model) if n not in qweights]
+    facts = {n: module_facts(q) for n, q in qweights.items()}
+    config["quantization_config"] = quantization_config(plan, facts, not_converted, method)
     return writer.finish(config)
 
 

@@ -47,9 +47,7 @@ def rtn_model(model, plan: QuantPlan, quiet: bool = False) -> dict[str, Quantize
     layers = decoder_layers(model, spec)
     out: dict[str, QuantizedWeight] = {}
     for i in tqdm(range(len(layers)), desc="quantize (rtn)", unit="layer", disable=quiet):
-        for rel in spec.linears:
-            name = f"{spec.layers}.{i}.{rel}"
-            out[name] = rtn(weight_of(layers[i].get_submodule(rel), spec), plan.scheme_for(name))
+        out |= rtn_layer(layers[i], i, spec, plan)
     return out
 
 
@@ -146,68 +144,132 @@ class _HessianHooks:
             h.remove()
 
 
+@dataclass
+class Activations:
+    """Inputs of the current decoder layer for every calibration window, and the layer's extra arguments."""
+
+    inps: list[torch.Tensor]
+    args: tuple
+    kwargs: dict
+    device: torch.device
+    act_device: torch.device | str = "cpu"
+
+
+def start_activations(model, spec: ArchSpec, calib: torch.Tensor, device=None, act_device="cpu") -> Activations:
+    if calib is None:
+        raise LlmqError("GPTQ needs calibration data: pass --calib PATH|NAME (token windows)")
+    device = torch.device(device) if device else torch.device("cpu")
+    inps, args, kwargs = capture_layer0_inputs(model, spec, calib, act_device)
+    return Activations(inps, _move(args, device), _move(kwargs, device), device, act_device)
+
+
+def check_finite(W: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(W).all():
+        bad = (~torch.isfinite(W)).sum().item()
+        raise LlmqError(f"{name}.weight has {bad} NaN/Inf value(s); the source checkpoint is damaged there. Repair "
+                        "or re-download the model (llmq will not quantize non-finite weights)")  # fmt: skip
+
+
+def rtn_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan) -> dict[str, QuantizedWeight]:
+    out = {}
+    for rel in spec.linears:
+        name = f"{spec.layers}.{i}.{rel}"
+        W = weight_of(layer.get_submodule(rel), spec)
+        check_finite(W, name)
+        out[name] = rtn(W, plan.scheme_for(name))
+    return out
+
+
+def install_dequantized(layer, i: int, spec: ArchSpec, qweights: dict[str, QuantizedWeight]) -> None:
+    """Give the layer's linears their dequantized weights (what the next layer will see)."""
+    with torch.no_grad():
+        for rel in spec.linears:
+            mod = layer.get_submodule(rel)
+            Wq = qweights[f"{spec.layers}.{i}.{rel}"].dequantize(mod.weight.dtype).to(mod.weight.device)
+            mod.weight.copy_(Wq.t() if spec.transposed else Wq)
+
+
+@torch.no_grad()
+def advance(layer, acts: Activations, ref_out: list | None = None) -> float | None:
+    """Run the layer on every window; its outputs replace `acts.inps`. Returns ‖Y − ref‖/‖ref‖ over the
+    windows that have a reference output."""
+    home = next(layer.parameters()).device
+    layer.to(acts.device)
+    num = den = 0.0
+    for k, x in enumerate(acts.inps):
+        y = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
+        if ref_out and k < len(ref_out):
+            num += (y - ref_out[k]).float().square().sum().item()
+            den += ref_out[k].float().square().sum().item()
+        acts.inps[k] = y
+    layer.to(home)
+    return (num / den) ** 0.5 if den else None
+
+
+@torch.no_grad()
+def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, acts: Activations) -> tuple[dict, LayerReport]:
+    """Quantize one decoder layer with GPTQ, group by group; then advance the activations through it."""
+    t0 = time.perf_counter()
+    home = next(layer.parameters()).device
+    layer.to(acts.device)
+    out: dict[str, QuantizedWeight] = {}
+    ref_out = None
+    for gi, group in enumerate(spec.sequential):
+        mods = {rel: layer.get_submodule(rel) for rel in group}
+        for rel, mod in mods.items():
+            check_finite(weight_of(mod, spec), f"{spec.layers}.{i}.{rel}")
+        hooks = _HessianHooks(mods, acts.device)
+        hooks.stop_early = gi > 0  # the first pass runs whole: its outputs are the fp reference
+        try:
+            outs = []
+            for k, x in enumerate(acts.inps):
+                try:
+                    y = _run_layer(layer, x, acts.args, acts.kwargs, acts.device)
+                    if gi == 0 and k < ERR_SAMPLES:
+                        outs.append(y.to(acts.act_device))
+                except _Stop:
+                    pass
+            if gi == 0:
+                ref_out = outs
+        finally:
+            hooks.remove()
+        for rel, H in hooks.hessians().items():
+            name = f"{spec.layers}.{i}.{rel}"
+            mod = mods[rel]
+            qw = gptq(weight_of(mod, spec), H, plan.scheme_for(name), cfg, name)
+            Wq = qw.dequantize(mod.weight.dtype).to(mod.weight.device)
+            mod.weight.copy_(Wq.t() if spec.transposed else Wq)
+            out[name] = qw
+        del hooks
+    layer.to(home)
+    err = advance(layer, acts, ref_out)
+    rep = LayerReport(i, time.perf_counter() - t0, err, {n: q.bits_per_weight() for n, q in out.items()})
+    return out, rep
+
+
+def log_layer(rep: LayerReport, bar, quiet: bool) -> None:
+    err = f", relative output error {rep.rel_error:.4f}" if rep.rel_error is not None else ""
+    msg = f"layer {rep.index}: {rep.seconds:.1f}s{err}"
+    log.debug(msg) if quiet else bar.write(msg)
+
+
 @torch.no_grad()
 def gptq_model(model, plan: QuantPlan, calib: torch.Tensor, cfg: GPTQConfig | None = None, device=None,
                act_device="cpu", quiet: bool = False, reports: list | None = None) -> dict[str, QuantizedWeight]:  # fmt: skip
-    """GPTQ over every decoder layer. The model's linears end up holding their dequantized weights."""
-    if calib is None:
-        raise LlmqError("GPTQ needs calibration data: pass --calib PATH|NAME (token windows)")
+    """GPTQ over every decoder layer of an in-memory model. Its linears end up holding their dequantized
+    weights. (`llmq quantize` streams layers from disk instead: convert.py.)"""
     cfg = cfg or GPTQConfig()
     spec = arch_for(model.config)
     layers = decoder_layers(model, spec)
-    device = torch.device(device) if device else next(model.parameters()).device
-    inps, args, kwargs = capture_layer0_inputs(model, spec, calib, act_device)
-    args, kwargs = _move(args, device), _move(kwargs, device)
+    acts = start_activations(model, spec, calib, device or next(model.parameters()).device, act_device)
     out: dict[str, QuantizedWeight] = {}
     bar = tqdm(range(len(layers)), desc="quantize (gptq)", unit="layer", disable=quiet)
     for i in bar:
-        t0 = time.perf_counter()
-        layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        ref_out = None
-        for gi, group in enumerate(spec.sequential):
-            mods = {rel: layer.get_submodule(rel) for rel in group}
-            hooks = _HessianHooks(mods, device)
-            hooks.stop_early = gi > 0  # the first pass runs whole: its outputs are the fp reference
-            try:
-                outs = []
-                for k, x in enumerate(inps):
-                    try:
-                        y = _run_layer(layer, x, args, kwargs, device)
-                        if gi == 0 and k < ERR_SAMPLES:
-                            outs.append(y.to(act_device))
-                    except _Stop:
-                        pass
-                if gi == 0:
-                    ref_out = outs
-            finally:
-                hooks.remove()
-            for rel, H in hooks.hessians().items():
-                name = f"{spec.layers}.{i}.{rel}"
-                mod = mods[rel]
-                qw = gptq(weight_of(mod, spec), H, plan.scheme_for(name), cfg, name)
-                Wq = qw.dequantize(mod.weight.dtype).to(mod.weight.device)
-                mod.weight.copy_(Wq.t() if spec.transposed else Wq)
-                out[name] = qw
-            del hooks
-        num = den = 0.0
-        for k, x in enumerate(inps):
-            y = _run_layer(layer, x, args, kwargs, device).to(act_device)
-            if k < len(ref_out):
-                num += (y - ref_out[k]).float().square().sum().item()
-                den += ref_out[k].float().square().sum().item()
-            inps[k] = y
-        layer.to(home)
-        rep = LayerReport(i, time.perf_counter() - t0, (num / den) ** 0.5 if den else None,
-                          {n: q.bits_per_weight() for n, q in out.items() if n.startswith(f"{spec.layers}.{i}.")})  # fmt: skip
+        q, rep = gptq_layer(layers[i], i, spec, plan, cfg, acts)
+        out |= q
         if reports is not None:
             reports.append(rep)
-        msg = f"layer {i}: {rep.seconds:.1f}s, relative output error {rep.rel_error:.4f}"
-        if quiet:
-            log.debug(msg)
-        else:
-            bar.write(msg)
+        log_layer(rep, bar, quiet)
     return out
 
 

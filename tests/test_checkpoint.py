@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def test_roundtrip_logits_match_fake_quant(tiny_dir, tmp_path, name, arch):
     src = tiny_dir(arch, tie_word_embeddings=(arch == "gpt2"))
     out = tmp_path / "q"
     quantize_cli(src, out, *SCHEMES[name])
-    q = llmq.load_quantized(out)
+    q = llmq.load_quantized(out, backend="reference")
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     qw = llmq.quantize(ref, scheme_of(SCHEMES[name]))
     llmq.fake_quantize(ref, qw)
@@ -140,17 +141,34 @@ def test_output_dir_not_empty(capsys, tiny_dir, tmp_path):
     quantize_cli(src, out, "--overwrite")
 
 
-def test_failure_leaves_nothing_that_looks_complete(tiny_dir, tmp_path, monkeypatch):
+def test_disk_full_keeps_progress_and_nothing_looks_complete(tiny_dir, tmp_path, monkeypatch, capsys):
     import llmq.checkpoint as ck
+
+    src = tiny_dir("llama")
+    real = ck.CheckpointWriter.finish
 
     def boom(self, config):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ck.CheckpointWriter, "finish", boom)
     out = tmp_path / "q"
-    with pytest.raises(OSError):
-        main(["quantize", str(tiny_dir("llama")), str(out), "--quiet"])
-    assert not out.exists()
+    capsys.readouterr()
+    assert main(["quantize", str(src), str(out), "--quiet"]) == 2
+    assert "no space left on device; free space, then rerun the same command to resume" in capsys.readouterr().err
+    assert out.is_dir() and not (out / "config.json").exists()
+    with pytest.raises(LlmqError, match="interrupted conversion"):
+        llmq.load_quantized(out)
+    monkeypatch.setattr(ck.CheckpointWriter, "finish", real)  # space freed
+    assert main(["quantize", str(src), str(out), "--quiet"]) == 0  # resumes, no --overwrite needed
+    assert not (out / "llmq_progress.json").exists()
+    llmq.load_quantized(out)
+
+
+def test_unwritable_output_dir(tiny_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    err = run_err(capsys, "quantize", tiny_dir("llama"), blocker / "q")
+    assert "cannot write to the output directory" in err and "a-file" in err
 
 
 def test_incomplete_dir_is_refused(tiny_dir, tmp_path):
@@ -211,24 +229,25 @@ def test_wrong_format_version(qdir):
         llmq.load_quantized(qdir)
 
 
-def rewrite_shard(qdir, edit):
-    s = shard_of(qdir)
-    t = load_file(s)
-    edit(t)
-    save_file(t, s, metadata={"format": "pt", "llmq_format_version": "1"})
+def rewrite_shard(qdir, edit, key):
+    """Apply `edit` to the tensors of the shard holding `key`, and keep the index consistent."""
     index = json.loads((qdir / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {k: s.name for k in t}
+    shard = qdir / index["weight_map"][key]
+    t = load_file(shard)
+    edit(t)
+    save_file(t, shard, metadata={"format": "pt", "llmq_format_version": "1"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name} | {k: shard.name for k in t}
     (qdir / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def test_missing_tensor(qdir):
-    rewrite_shard(qdir, lambda t: t.pop("model.layers.1.mlp.up_proj.scales"))
+    rewrite_shard(qdir, lambda t: t.pop("model.layers.1.mlp.up_proj.scales"), "model.layers.1.mlp.up_proj.scales")
     with pytest.raises(LlmqError, match="model.layers.1.mlp.up_proj.*missing tensor.*up_proj.scales"):
         llmq.load_quantized(qdir, verify=False)
 
 
 def test_missing_full_precision_tensor(qdir):
-    rewrite_shard(qdir, lambda t: t.pop("model.norm.weight"))
+    rewrite_shard(qdir, lambda t: t.pop("model.norm.weight"), "model.norm.weight")
     with pytest.raises(LlmqError, match="missing.*model.norm.weight"):
         llmq.load_quantized(qdir, verify=False)
 
@@ -237,7 +256,7 @@ def test_shape_mismatch(qdir):
     def edit(t):
         t["model.layers.0.self_attn.q_proj.scales"] = t["model.layers.0.self_attn.q_proj.scales"][:-1].clone()
 
-    rewrite_shard(qdir, edit)
+    rewrite_shard(qdir, edit, "model.layers.0.self_attn.q_proj.scales")
     with pytest.raises(LlmqError, match=r"q_proj.scales: shape \(63, 1\), expected \(64, 1\)"):
         llmq.load_quantized(qdir, verify=False)
 
@@ -246,7 +265,7 @@ def test_dtype_mismatch(qdir):
     def edit(t):
         t["model.layers.0.self_attn.q_proj.scales"] = t["model.layers.0.self_attn.q_proj.scales"].float()
 
-    rewrite_shard(qdir, edit)
+    rewrite_shard(qdir, edit, "model.layers.0.self_attn.q_proj.scales")
     with pytest.raises(LlmqError, match=r"q_proj.scales: dtype torch.float32, expected torch.float16"):
         llmq.load_quantized(qdir, verify=False)
 

@@ -1,0 +1,129 @@
+"""A model whose decoder layers stay on disk until needed: the memory contract of `llmq quantize`.
+
+The model is built on the meta device (buffers such as rotary frequencies are real, they are computed,
+not stored). Tensors outside the decoder layers (embeddings, final norm, head) are read once; each decoder
+layer is read from its shards (`safetensors.safe_open`, one tensor at a time) only while it is processed,
+then released back to the meta device. Peak memory is then the calibration activations, one layer in full
+precision with its Hessians, and the embeddings/head.
+
+Streaming needs safetensors shards (a model dir, or a hub snapshot). Other inputs (a `.gguf` file, whose
+transformers loader dequantizes the whole model at once) are loaded whole; `streamed` says which.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .archs import ArchSpec, decoder_layers
+from .errors import LlmqError
+from .sources import Source, load_model
+
+log = logging.getLogger("llmq")
+
+
+def shard_map(d: Path) -> dict[str, str]:
+    """tensor name -> shard file, for a dir of safetensors; every listed shard must exist."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+    elif (d / "model.safetensors").is_file():
+        with safe_open(d / "model.safetensors", "pt") as f:
+            wm = {k: "model.safetensors" for k in f.keys()}
+    else:
+        return {}
+    for shard in sorted(set(wm.values())):
+        if not (d / shard).is_file():
+            raise LlmqError(f"{d / shard}: shard listed in the index is missing; re-download the model")
+    return wm
+
+
+class LazyModel:
+    def __init__(self, src: Source, config, spec: ArchSpec, dtype: torch.dtype = torch.float32):
+        self.src, self.spec, self.dtype = src, spec, dtype
+        path = Path(src.path)
+        if src.kind == "hub":
+            path = self._snapshot(src.path)
+        self.dir = path
+        self.weight_map = shard_map(path) if src.kind != "gguf" else {}
+        self.streamed = bool(self.weight_map)
+        if not self.streamed:
+            log.info("%s: not a safetensors checkpoint, loading it whole (no layer streaming)", src)
+            self.model, _ = load_model(src, dtype)
+            return
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval()
+        self._prefix = self._key_prefix()
+        layer_prefix = spec.layers + "."
+        rest = [k for k, v in self.model.state_dict().items() if not k.startswith(layer_prefix) and v.is_meta]
+        self._load(rest, required=False)
+        self.model.tie_weights()
+        missing = [k for k, v in self.model.state_dict().items() if not k.startswith(layer_prefix) and v.is_meta]
+        if missing:
+            raise LlmqError(f"{self.dir}: tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
+
+    @staticmethod
+    def _snapshot(repo: str) -> Path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(repo, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt",
+                                                                "*.jinja", "*.tiktoken"]))  # fmt: skip
+        except Exception as e:  # the hub client raises many types for "unreachable"; all mean the same here
+            raise LlmqError(f"{repo}: cannot download from the Hugging Face Hub ({type(e).__name__}); pass a local "
+                            "model dir or .gguf file") from None  # fmt: skip
+
+    def _key_prefix(self) -> str:
+        """Some checkpoints store names without the base model prefix (e.g. GPT-2's 'h.0...' for 'transformer.h.0...')."""
+        names = list(self.model.state_dict())
+        if any(n in self.weight_map for n in names):
+            return ""
+        base = getattr(self.model, "base_model_prefix", "")
+        return base + "." if base and any(n.removeprefix(base + ".") in self.weight_map for n in names) else ""
+
+    def _file_key(self, name: str) -> str:
+        return name.removeprefix(self._prefix) if self._prefix else name
+
+    def _load(self, names: list[str], required: bool = True) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        by_shard: dict[str, list[str]] = {}
+        for n in names:
+            shard = self.weight_map.get(self._file_key(n))
+            if shard is None:
+                if required:
+                    raise LlmqError(f"{self.dir}: tensor {n!r} is missing from the checkpoint")
+                continue
+            by_shard.setdefault(shard, []).append(n)
+        for shard, ns in by_shard.items():
+            try:
+                with safe_open(self.dir / shard, "pt") as f:
+                    for n in ns:
+                        t = f.get_tensor(self._file_key(n))
+                        set_module_tensor_to_device(self.model, n, "cpu", value=t.to(self.dtype) if t.is_floating_point() else t)
+            except SafetensorError as e:
+                raise LlmqError(f"{self.dir / shard}: unreadable safetensors file ({e}); it is truncated or corrupted") from None
+
+    def layer(self, i: int) -> torch.nn.Module:
+        """Decoder layer i with its weights in memory."""
+        layer = decoder_layers(self.model, self.spec)[i]
+        if self.streamed:
+            prefix = f"{self.spec.layers}.{i}."
+            self._load([prefix + k for k, v in layer.state_dict().items() if v.is_meta])
+        return layer
+
+    def release(self, i: int) -> None:
+        """Give decoder layer i's memory back (its parameters return to the meta device)."""
+        if self.streamed:
+            layer = decoder_layers(self.model, self.spec)[i]
+            for name, p in list(layer.named_parameters()):
+                mod, _, attr = name.rpartition(".")
+                owner = layer.get_submodule(mod) if mod else layer
+                owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
