@@ -37,12 +37,14 @@ def damped_inverse_cholesky(H: torch.Tensor, cfg: GPTQConfig, name: str = "") ->
     damp = cfg.damp
     for attempt in range(cfg.max_damp_tries + 1):
         Hd = H + damp * mean_diag * torch.eye(C, dtype=H.dtype, device=H.device)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # With J the reversal permutation and J·H·J = L'L'ᵀ: H⁻¹ = J L'⁻ᵀ L'⁻¹ J = UᵀU for the upper-triangular
+        # U = J L'⁻¹ J. One Cholesky and one triangular inverse; H⁻¹ itself is never formed.
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0 and torch.isfinite(U).all():
-                return U, torch.diag(Hinv)
+            eye = torch.eye(C, dtype=H.dtype, device=H.device)
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
+                return U, U.square().sum(0)  # diag(UᵀU) = diag(H⁻¹)
         if attempt < cfg.max_damp_tries:
             log.warning("%s: Hessian not positive definite with damp=%g; retrying with damp=%g", name or "layer",
                         damp, damp * 10)  # fmt: skip
@@ -115,26 +117,30 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
             eff[:, gi : gi + 1] = store_scales(s, scheme)[0]
             if zero is not None:
                 zero[:, gi : gi + 1] = z
-        W1 = Wp[:, i1:i2].clone()
+        # the block is held transposed, [B, R]: column j of W is a contiguous row (fast on CPU)
+        W1 = Wp[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
+        C1 = torch.zeros(i2 - i1, R, dtype=torch.uint8)
         U1 = U[i1:i2, i1:i2]
+        effT = eff.t().contiguous()  # [G, Rs]
+        zeroT = None if zero is None else zero.t().contiguous()
+        gids = group_of[i1:i2].tolist()
         for i in range(i2 - i1):
-            j = i1 + i
-            w = W1[:, i]
-            gj = group_of[j]
-            s = eff[:, gj]
-            z = None if zero is None else zero[:, gj]
+            w = W1[i]
+            s = effT[gids[i]]
+            z = None if zeroT is None else zeroT[gids[i]]
             c = g.encode(w, s, z, scheme)
             q = g.decode(c, s, z, scheme)
             if exact_p is not None:
-                ex = exact_p[:, j]
+                ex = exact_p[:, i1 + i]
                 q = torch.where(ex, w.half().float(), q)
-                kept[:, j] = torch.where(ex, q, kept[:, j])
-            codes[:, j] = c
+                kept[:, i1 + i] = torch.where(ex, q, kept[:, i1 + i])
+            C1[i] = c
             err = (w - q) / U1[i, i]
-            W1[:, i + 1 :] -= err.unsqueeze(1) * U1[i, i + 1 :].unsqueeze(0)  # eq. 3, within the block
-            Err1[:, i] = err
-        Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
+            W1[i + 1 :] -= U1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)  # eq. 3, within the block
+            Err1[i] = err
+        codes[:, i1:i2] = C1.t()
+        Wp[:, i2:] -= Err1.t() @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
 
     stored = store_scales(scale, scheme)[1]
     out = None if exact_p is None else (exact_p, kept)

@@ -1,0 +1,127 @@
+"""Peak memory of a streamed GPTQ conversion of a checkpoint far larger than one layer.
+
+    python benchmarks/memory.py [--dir /tmp/llmq-mem] [--layers 56] [--nsamples 8] [--seqlen 256] [--out memory]
+
+Generates (once; not committed) a random-init Llama-architecture checkpoint in fp16 safetensors shards:
+hidden 2048, intermediate 5632, 16 heads, untied 49,152-token embedding and head (SmolLM2's tokenizer is
+copied in for calibration), `--layers` decoder layers (56 -> 6.2 GB). Then runs `llmq quantize --method gptq`
+on it in a subprocess and reads that process's peak RSS (getrusage, from summary.json).
+
+The one-layer budget is computed from the real sizes: process baseline (RSS after importing torch,
+transformers and llmq) + one decoder layer in fp32 + the largest Hessian set held at once + calibration
+activations (inputs + reference outputs) + embeddings and head in fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_model, machine, machine_line, write_results  # noqa: E402
+
+H, I, HEADS, VOCAB = 2048, 5632, 16, 49152
+
+
+def generate(d: Path, layers: int) -> int:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    if (d / "config.json").is_file():
+        return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    d.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(hidden_size=H, intermediate_size=I, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                num_hidden_layers=layers, vocab_size=VOCAB, tie_word_embeddings=False,
+                max_position_embeddings=4096, dtype="float16").save_pretrained(d)  # fmt: skip
+    src = default_model()
+    p = Path(src)
+    AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name).save_pretrained(d)
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.float16)
+
+    weight_map, shards, per_shard = {}, [], 8
+    groups = [("rest", None)] + [(f"{s}", list(range(s, min(s + per_shard, layers)))) for s in range(0, layers, per_shard)]
+    for gi, (tag, ids) in enumerate(groups):
+        t = {}
+        if ids is None:
+            t = {"model.embed_tokens.weight": rnd(VOCAB, H), "lm_head.weight": rnd(VOCAB, H),
+                 "model.norm.weight": torch.ones(H, dtype=torch.float16)}  # fmt: skip
+        else:
+            for i in ids:
+                pre = f"model.layers.{i}."
+                t |= {pre + f"self_attn.{n}_proj.weight": rnd(H, H) for n in "qkvo"}
+                t |= {pre + "mlp.gate_proj.weight": rnd(I, H), pre + "mlp.up_proj.weight": rnd(I, H),
+                      pre + "mlp.down_proj.weight": rnd(H, I), pre + "input_layernorm.weight": torch.ones(H, dtype=torch.float16),
+                      pre + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.float16)}  # fmt: skip
+        name = f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(t, str(d / name), metadata={"format": "pt"})
+        weight_map |= {k: name for k in t}
+        shards.append(name)
+        del t
+    total = sum((d / s).stat().st_size for s in shards)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def baseline_rss_mb() -> float:
+    code = "import resource, torch, transformers, llmq; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    return float(subprocess.check_output([sys.executable, "-c", code], text=True).strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/llmq-mem")
+    ap.add_argument("--layers", type=int, default=56)
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--calib", default=None, help="calibration text (default: local WikiText-2 test split)")
+    ap.add_argument("--out", default="memory")
+    a = ap.parse_args()
+    d = Path(a.dir)
+    ckpt_bytes = generate(d / "model", a.layers)
+    out = d / "quantized"
+    cmd = [sys.executable, "-m", "llmq", "quantize", str(d / "model"), str(out), "--method", "gptq", "--bits", "4",
+           "--group-size", "128", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--calib-split", "test",
+           "--overwrite", "--quiet"] + (["--calib", a.calib] if a.calib else [])  # fmt: skip
+    subprocess.run(cmd, check=True)
+    s = json.loads((out / "summary.json").read_text())
+    f32 = 4
+    layer = (4 * H * H + 3 * H * I) * f32
+    hessians = max(3 * H * H, 2 * H * H, I * I) * f32  # q/k/v | gate/up | down: one group at a time
+    acts = 2 * a.nsamples * a.seqlen * H * f32  # inputs + reference outputs (<= 16 windows)
+    emb = 2 * VOCAB * H * f32
+    base = baseline_rss_mb()
+    budget_mb = base + (layer + hessians + acts + emb) / 2**20
+    peak = s["peak_rss_mb"]
+    row = {"checkpoint_gb": round(ckpt_bytes / 1e9, 2), "layers": a.layers, "peak_rss_mb": peak,
+           "baseline_rss_mb": round(base), "layer_fp32_mb": round(layer / 2**20), "hessians_mb": round(hessians / 2**20),
+           "activations_mb": round(acts / 2**20), "embeddings_head_fp32_mb": round(emb / 2**20),
+           "one_layer_budget_mb": round(budget_mb), "peak_over_budget": round(peak / budget_mb, 2),
+           "peak_over_checkpoint": round(peak * 2**20 / ckpt_bytes, 3), "total_time_s": s["total_time_s"],
+           "streamed": s["streamed"], "bits_per_weight": round(s["bits_per_weight"], 4),
+           "calibration": f"{a.nsamples} x {a.seqlen}"}  # fmt: skip
+    m = machine()
+    ok1, ok2 = row["peak_over_checkpoint"] < 1 / 3, row["peak_over_budget"] <= 1.5
+    md = [f"# Memory: streamed GPTQ conversion of a {row['checkpoint_gb']} GB checkpoint", "", machine_line(m), "",
+          __doc__.split("Generates")[1].strip().replace("\n", " ").join(["Generates", ""]) , "",
+          "| what | MB |", "| --- | ---: |"]  # fmt: skip
+    for k in ("baseline_rss_mb", "layer_fp32_mb", "hessians_mb", "activations_mb", "embeddings_head_fp32_mb",
+              "one_layer_budget_mb", "peak_rss_mb"):  # fmt: skip
+        md.append(f"| {k.removesuffix('_mb').replace('_', ' ')} | {row[k]} |")
+    md += ["", f"Checkpoint on disk: {ckpt_bytes / 2**20:.0f} MB. Peak RSS / checkpoint = {row['peak_over_checkpoint']} "
+           f"(goal < 0.333: {'met' if ok1 else 'NOT met'}); peak / one-layer budget = {row['peak_over_budget']} "
+           f"(goal <= 1.5: {'met' if ok2 else 'NOT met'}). Conversion time {row['total_time_s']} s, "
+           f"calibration {row['calibration']} tokens."]  # fmt: skip
+    write_results(a.out, {"machine": m, **row}, "\n".join(md) + "\n")
+    print(json.dumps(row, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
