@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 def triton_why_not(scheme, shape, device) -> str | None:
-    return "the Triton kernels are not implemented yet (llmq.kernels)"
+    return "this layer: the Triton kernels are not implemented yet (llmq.kernels)"
 
 
 def repack_for_triton(qw):

@@ -82,28 +82,7 @@ class QuantLinear(torch.nn.Module):
             _log_once("llmq: layers offloaded by device_map use the reference backend")
             self.backend, self._packed = "reference", {}
             return
-        if want == "triton" or (want == "auto" and dev.type == "cuda"):
-            from .kernels import triton_why_not
-
-            why = triton_why_not(self.scheme, shape, dev)
-            if why is None:
-                self.backend = "triton"
-            elif want == "triton":
-                raise LlmqError(f"{where}: backend 'triton' cannot serve this layer: {why}")
-            else:
-                _log_once(f"llmq: triton backend unavailable ({why}); using the reference backend")
-                self.backend = "reference"
-        elif want == "cpu" or (want == "auto" and dev.type == "cpu"):
-            why = backends.cpu_supports(self.scheme, shape) if dev.type == "cpu" else f"tensors are on {dev}"
-            if why is None:
-                self.backend = "cpu"
-            elif want == "cpu":
-                raise LlmqError(f"{where}: backend 'cpu' cannot serve {why}")
-            else:
-                _log_once(f"llmq: cpu backend cannot serve {why}; those layers use the reference backend")
-                self.backend = "reference"
-        else:
-            self.backend = "reference"
+        self.backend = self._choose(want, dev, shape, where)
         if self.backend != "reference":
             _log_once(f"llmq: using the {self.backend} backend")
         qw = self.quantized_weight()
@@ -121,6 +100,25 @@ class QuantLinear(torch.nn.Module):
         for k, v in self._packed.items():  # counted by get_memory_footprint(), kept out of the state dict
             if isinstance(v, torch.Tensor) and v.layout == torch.strided:
                 self.register_buffer(f"repacked_{k}", v, persistent=False)
+
+    def _choose(self, want: str, dev: torch.device, shape: tuple[int, int], where: str) -> str:
+        """The backend for this layer: the requested one (or raise), or auto's pick (or reference, logged)."""
+        from . import backends
+        from .kernels import triton_why_not
+
+        name = want if want != "auto" else {"cuda": "triton", "cpu": "cpu"}.get(dev.type, "reference")
+        if name == "reference":
+            return name
+        if name == "cpu":
+            why = backends.cpu_supports(self.scheme, shape) if dev.type == "cpu" else f"tensors on {dev}"
+        else:
+            why = triton_why_not(self.scheme, shape, dev)
+        if why is None:
+            return name
+        if want == name:
+            raise LlmqError(f"{where}: backend {name!r} cannot serve {why}")
+        _log_once(f"llmq: {name} backend cannot serve {why}; those layers use the reference backend")
+        return "reference"
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight((self.out_features, self.in_features), self.scheme,
