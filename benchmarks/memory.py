@@ -1,11 +1,12 @@
 """Peak memory of a streamed GPTQ conversion of a checkpoint far larger than one layer.
 
-    python benchmarks/memory.py [--dir /tmp/llmq-mem] [--layers 56] [--nsamples 8] [--seqlen 256] [--out memory]
+    python benchmarks/memory.py [--dir /tmp/llmq-mem] [--layers 56] [--method gptq|rtn] [--nsamples 8] [--seqlen 256]
 
 Generates (once; not committed) a random-init Llama-architecture checkpoint in fp16 safetensors shards:
 hidden 2048, intermediate 5632, 16 heads, untied 49,152-token embedding and head (SmolLM2's tokenizer is
 copied in for calibration), `--layers` decoder layers (56 -> 6.2 GB). Then runs `llmq quantize --method gptq`
-on it in a subprocess and reads that process's peak RSS (getrusage, from summary.json).
+(GPTQ by default; RTN streams the same way without calibration) on it in a subprocess and reads that
+process's peak RSS (getrusage, from summary.json).
 
 The one-layer budget is computed from the real sizes: process baseline (RSS after importing torch,
 transformers and llmq) + one decoder layer in fp32 + the largest Hessian set held at once + calibration
@@ -81,20 +82,22 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--calib", default=None, help="calibration text (default: local WikiText-2 test split)")
-    ap.add_argument("--out", default="memory")
+    ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    ap.add_argument("--out", default=None, help="results name (default memory-METHOD)")
     a = ap.parse_args()
     d = Path(a.dir)
     ckpt_bytes = generate(d / "model", a.layers)
     out = d / "quantized"
-    cmd = [sys.executable, "-m", "llmq", "quantize", str(d / "model"), str(out), "--method", "gptq", "--bits", "4",
+    cmd = [sys.executable, "-m", "llmq", "quantize", str(d / "model"), str(out), "--method", a.method, "--bits", "4",
            "--group-size", "128", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--calib-split", "test",
            "--overwrite", "--quiet"] + (["--calib", a.calib] if a.calib else [])  # fmt: skip
     subprocess.run(cmd, check=True)
     s = json.loads((out / "summary.json").read_text())
     f32 = 4
     layer = (4 * H * H + 3 * H * I) * f32
-    hessians = max(3 * H * H, 2 * H * H, I * I) * f32  # q/k/v | gate/up | down: one group at a time
-    acts = 2 * a.nsamples * a.seqlen * H * f32  # inputs + reference outputs (<= 16 windows)
+    gptq = a.method == "gptq"
+    hessians = max(3 * H * H, 2 * H * H, I * I) * f32 if gptq else 0  # q/k/v | gate/up | down: one group at a time
+    acts = 2 * a.nsamples * a.seqlen * H * f32 if gptq else 0  # inputs + reference outputs (<= 16 windows)
     emb = 2 * VOCAB * H * f32
     base = baseline_rss_mb()
     budget_mb = base + (layer + hessians + acts + emb) / 2**20
@@ -105,10 +108,10 @@ def main() -> int:
            "one_layer_budget_mb": round(budget_mb), "peak_over_budget": round(peak / budget_mb, 2),
            "peak_over_checkpoint": round(peak * 2**20 / ckpt_bytes, 3), "total_time_s": s["total_time_s"],
            "streamed": s["streamed"], "bits_per_weight": round(s["bits_per_weight"], 4),
-           "calibration": f"{a.nsamples} x {a.seqlen}"}  # fmt: skip
+           "method": a.method, "calibration": f"{a.nsamples} x {a.seqlen}" if gptq else None}  # fmt: skip
     m = machine()
     ok1, ok2 = row["peak_over_checkpoint"] < 1 / 3, row["peak_over_budget"] <= 1.5
-    md = [f"# Memory: streamed GPTQ conversion of a {row['checkpoint_gb']} GB checkpoint", "", machine_line(m), "",
+    md = [f"# Memory: streamed {a.method.upper()} conversion of a {row['checkpoint_gb']} GB checkpoint", "", machine_line(m), "",
           __doc__.split("Generates")[1].strip().replace("\n", " ").join(["Generates", ""]) , "",
           "| what | MB |", "| --- | ---: |"]  # fmt: skip
     for k in ("baseline_rss_mb", "layer_fp32_mb", "hessians_mb", "activations_mb", "embeddings_head_fp32_mb",
@@ -117,8 +120,8 @@ def main() -> int:
     md += ["", f"Checkpoint on disk: {ckpt_bytes / 2**20:.0f} MB. Peak RSS / checkpoint = {row['peak_over_checkpoint']} "
            f"(goal < 0.333: {'met' if ok1 else 'NOT met'}); peak / one-layer budget = {row['peak_over_budget']} "
            f"(goal <= 1.5: {'met' if ok2 else 'NOT met'}). Conversion time {row['total_time_s']} s, "
-           f"calibration {row['calibration']} tokens."]  # fmt: skip
-    write_results(a.out, {"machine": m, **row}, "\n".join(md) + "\n")
+           f"calibration {row['calibration'] or 'none'}."]  # fmt: skip
+    write_results(a.out or f"memory-{a.method}", {"machine": m, **row}, "\n".join(md) + "\n")
     print(json.dumps(row, indent=2))
     return 0
 

@@ -123,7 +123,37 @@ class LazyModel:
         """Give decoder layer i's memory back (its parameters return to the meta device)."""
         if self.streamed:
             layer = decoder_layers(self.model, self.spec)[i]
-            for name, p in list(layer.named_parameters()):
-                mod, _, attr = name.rpartition(".")
-                owner = layer.get_submodule(mod) if mod else layer
-                owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for name, _ in list(layer.named_parameters()):
+                _release(layer, name)
+        _trim_heap()
+
+
+
+def _release(module: torch.nn.Module, name: str) -> None:
+    mod, _, attr = name.rpartition(".")
+    owner = module.get_submodule(mod) if mod else module
+    if attr in owner._parameters:
+        p = owner._parameters[attr]
+        owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS. glibc keeps freed blocks up to its (dynamic, up to 32 MB) mmap
+    threshold in the heap, so without this each released layer left ~half its size resident (measured:
+    +48 MB RSS per 2048x5632 layer, 4.6 GB peak converting a 6 GB checkpoint)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
