@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument("--out", default="cpu_decode")
     ap.add_argument("--run", nargs=2, metavar=("MODEL", "DTYPE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    m = machine()  # at the start: the code this run imported
     if a.run:
         print(json.dumps(run_variant(a.run[0], a.run[1], a.tokens, a.repeats)))
         return 0
@@ -129,7 +130,6 @@ def main() -> int:
             results[name] = json.loads(r.stdout.strip().splitlines()[-1])
             print(name, results[name]["decode_tok_s"], "tok/s", flush=True)
     mm = matmul_table()
-    m = machine()
     base = results["fp32 (transformers)"]["decode_tok_s"]
     md = [f"# CPU decode: {Path(model).name}", "", machine_line(m), "",
           f"Greedy decoding of {a.tokens} tokens after a {results['fp32 (transformers)']['prompt_tokens']}-token chat "

@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     ap.add_argument("--out", default=None, help="results name (default memory-METHOD)")
     a = ap.parse_args()
+    m = machine()  # at the start: the code this run imported
     d = Path(a.dir)
     ckpt_bytes = generate(d / "model", a.layers)
     out = d / "quantized"
@@ -109,7 +110,6 @@ def main() -> int:
            "peak_over_checkpoint": round(peak * 2**20 / ckpt_bytes, 3), "total_time_s": s["total_time_s"],
            "streamed": s["streamed"], "bits_per_weight": round(s["bits_per_weight"], 4),
            "method": a.method, "calibration": f"{a.nsamples} x {a.seqlen}" if gptq else None}  # fmt: skip
-    m = machine()
     ok1, ok2 = row["peak_over_checkpoint"] < 1 / 3, row["peak_over_budget"] <= 1.5
     md = [f"# Memory: streamed {a.method.upper()} conversion of a {row['checkpoint_gb']} GB checkpoint", "", machine_line(m), "",
           __doc__.split("Generates")[1].strip().replace("\n", " ").join(["Generates", ""]) , "",

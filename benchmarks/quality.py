@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="substrings of config names to run")
     ap.add_argument("--out", default="quality")
     a = ap.parse_args()
+    m = machine()  # at the start: the code this run imported
 
     src = sources.resolve(a.model or default_model())
     fp_model, _ = sources.load_model(src)
@@ -121,7 +122,6 @@ def main() -> int:
         print(f"{name}: ppl {row['perplexity']:.3f}, {bits:.3f} bpw, {secs:.0f}s, {rss:.0f} MB", flush=True)
         del model, qw
 
-    m = machine()
     protocol = {"eval": f"WikiText-2 test ({where}, sha256 {text_sha256(text)[:16]}), first {a.eval_windows} "
                         f"non-overlapping windows of 2048 tokens = {eval_end:,} tokens, no BOS",
                 "calibration": f"{a.nsamples} x {a.seqlen} tokens, seed 0, drawn from the second half of the same "
