@@ -2,11 +2,11 @@
 
 cpu (PyTorch's native packed kernels, repacked once at load; buffers are non-persistent, so the state
 dict stays the checkpoint's layout):
-  - int4, group 32/64/128/256 dividing in_features (per-channel / per-tensor via groups of 128 or 256
-    with repeated scales): `torch._weight_int4pack_mm_for_cpu`, which computes w = (q - 8)·s + zero' with
+  - int4, group 32/64/128/256, per channel or per tensor (groups of 128 with repeated scales);
+    in_features is zero-padded to a multiple of the group: `torch._weight_int4pack_mm_for_cpu`, which computes w = (q - 8)·s + zero' with
     bf16 activations; ours is w = s·(q - z), so zero' = s·(8 - z). Activations are cast to bf16.
   - int8, per channel or per tensor: `torch._weight_int8pack_mm` (w = int8 · s per row) on q - 128, plus
-    s·(128 - z)·Σx for asymmetric zero points. Activations keep their dtype.
+    s·(128 - z)·Σx for asymmetric zero points. Activations are cast to bf16 too (its fp32 path is ~14x slower).
 Outliers are a sparse correction added after the matmul (y += x·Sᵀ, S = exact - dequantized at those
 entries); a permutation gathers the activations first (x[:, perm]).
 """
@@ -23,12 +23,17 @@ INT4_GROUPS = (32, 64, 128, 256)
 
 
 def int4_group(scheme: QuantScheme, in_features: int) -> int | None:
-    """The tinygemm group size that serves this scheme, or None."""
+    """The tinygemm group size that serves this scheme, or None. K need not be a multiple of it: K is
+    zero-padded (padded columns meet zero activations; a short last group keeps its own scale)."""
     if scheme.format != "int" or scheme.bits != 4:
         return None
     if scheme.group_size in (PER_CHANNEL, PER_TENSOR):
-        return next((g for g in (256, 128) if in_features % g == 0), None)
-    return scheme.group_size if scheme.group_size in INT4_GROUPS and in_features % scheme.group_size == 0 else None
+        return 128  # one scale per row (or tensor), repeated over groups of 128
+    return scheme.group_size if scheme.group_size in INT4_GROUPS else None
+
+
+def padded_k(in_features: int, gs: int) -> int:
+    return -(-in_features // gs) * gs
 
 
 def cpu_supports(scheme: QuantScheme, shape: tuple[int, int]) -> str | None:
@@ -37,10 +42,10 @@ def cpu_supports(scheme: QuantScheme, shape: tuple[int, int]) -> str | None:
     if scheme.format == "int" and scheme.bits == 8:
         return None if scheme.group_size in (PER_CHANNEL, PER_TENSOR) else "int8 with groups (native op is per channel)"
     if int4_group(scheme, K) is None:
-        return (f"{scheme.describe()}: the native ops serve int4 with groups {INT4_GROUPS} dividing "
-                f"in_features={K}, and int8 per channel")  # fmt: skip
-    if N % 16 or K % 32:  # tinygemm's packing tiles
-        return f"shape {shape}: int4 packing needs out_features % 16 == 0 and in_features % 32 == 0"
+        return (f"{scheme.describe()}: the native ops serve int4 (groups {INT4_GROUPS}, per channel, per "
+                "tensor) and int8 per channel / per tensor")  # fmt: skip
+    if N % 16:  # tinygemm's packing tiles
+        return f"shape {shape}: int4 packing needs out_features % 16 == 0"
     return None
 
 
@@ -61,15 +66,16 @@ def outlier_correction(qw) -> torch.Tensor | None:
 def repack_int4(qw) -> dict[str, torch.Tensor]:
     N, K = qw.shape
     gs = int4_group(qw.scheme, K)
-    codes = qw.codes().to(torch.int32)  # [N, K]
+    Kp = padded_k(K, gs)
+    codes = torch.nn.functional.pad(qw.codes().to(torch.int32), (0, Kp - K), value=8)  # [N, Kp]
     s = grouping.expand(qw.scales(), qw.shape, qw.scheme.group_size)  # [N, K] per-column scale
     z = qw.zeros()
     z = torch.full_like(s, 8.0) if z is None else grouping.expand(z, qw.shape, qw.scheme.group_size)
-    s_g = s[:, ::gs]  # [N, K/gs]: constant within each tinygemm group
+    s_g = s[:, ::gs]  # [N, Kp/gs]: constant within each tinygemm group
     zero_g = (s * (8 - z))[:, ::gs]
-    sz = torch.stack([s_g.t(), zero_g.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/gs, N, 2]
+    sz = torch.stack([s_g.t(), zero_g.t()], dim=-1).to(torch.bfloat16).contiguous()  # [Kp/gs, N, 2]
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    return {"int4_packed": packed, "int4_sz": sz, "int4_gs": torch.tensor(gs)}
+    return {"int4_packed": packed, "int4_sz": sz, "int4_gs": torch.tensor(gs), "int4_pad": torch.tensor(Kp - K)}
 
 
 def repack_int8(qw) -> dict[str, torch.Tensor]:
@@ -83,12 +89,15 @@ def repack_int8(qw) -> dict[str, torch.Tensor]:
 
 def cpu_matmul(x2: torch.Tensor, packed: dict) -> torch.Tensor:
     """x2 [M, K] (already permuted) -> [M, N] in x2's dtype."""
+    xb = x2.to(torch.bfloat16)  # both native kernels are fast with bf16 activations (int8 with fp32: ~14x slower)
     if "int4_packed" in packed:
-        y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed["int4_packed"],
-                                             int(packed["int4_gs"]), packed["int4_sz"])  # fmt: skip
+        pad = int(packed["int4_pad"])
+        if pad:
+            xb = torch.nn.functional.pad(xb, (0, pad))
+        y = torch._weight_int4pack_mm_for_cpu(xb.contiguous(), packed["int4_packed"], int(packed["int4_gs"]),
+                                             packed["int4_sz"])  # fmt: skip
         return y.to(x2.dtype)
-    s = packed["int8_s"].to(x2.dtype)
-    y = torch._weight_int8pack_mm(x2.contiguous(), packed["int8_w"], s)
+    y = torch._weight_int8pack_mm(xb.contiguous(), packed["int8_w"], packed["int8_s"].to(torch.bfloat16))
     if packed["int8_c"] is not None:
-        y = y + x2.sum(-1, keepdim=True) * packed["int8_c"].to(x2.dtype)
-    return y
+        y = y + xb.sum(-1, keepdim=True) * packed["int8_c"].to(torch.bfloat16)
+    return y.to(x2.dtype)
