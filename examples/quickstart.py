@@ -66,7 +66,11 @@ def main() -> int:
     with torch.no_grad():
         gen = model.generate(**ids, max_new_tokens=32, do_sample=False)
     n = gen.shape[1] - ids["input_ids"].shape[1]
-    print(f"\nsample generation ({n} tokens, {n / (time.perf_counter() - t0):.1f} tok/s, reference backend):")
+    from llmq.nn import QuantLinear
+
+    used = ", ".join(sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear)}))
+    print(f"\nsample generation ({n} tokens, {n / (time.perf_counter() - t0):.1f} tok/s incl. warm-up, "
+          f"{used} backend):")
     print("  " + tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().replace("\n", "\n  "))
 
     if a.eval_tokens and Path(a.data).is_dir():
