@@ -54,10 +54,7 @@ def outlier_correction(qw) -> torch.Tensor | None:
     if "outlier_crow" not in qw.parts:
         return None
     rows, cols, vals = qw.outliers()
-    plain = qw.__class__(qw.shape, qw.scheme, {k: v for k, v in qw.parts.items() if not k.startswith("outlier_")}
-                         | {"outlier_crow": torch.zeros(qw.shape[0] + 1, dtype=torch.int32),
-                            "outlier_col": qw.parts["outlier_col"][:0], "outlier_val": qw.parts["outlier_val"][:0]})  # fmt: skip
-    delta = vals.float() - plain.dequantize_stored()[rows, cols]  # CSR order, as stored
+    delta = vals.float() - qw.dequantize_stored(outliers=False)[rows, cols]  # CSR order, as stored
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(qw.parts["outlier_crow"].long(), cols, delta, qw.shape)

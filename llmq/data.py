@@ -42,8 +42,8 @@ def wikitext_rows(path: Path) -> list[str]:
 
 def load_text(source: str | None, split: str) -> tuple[str, str]:
     """(text, a description of where it came from). `source=None` means the local WikiText-2 default."""
+    local = find_local_wikitext() if source in (None, "wikitext2") else None
     if source is None:
-        local = find_local_wikitext()
         if local is None:
             raise LlmqError(
                 "no text given and no local WikiText-2 found (looked for ../shared/data/wikitext-2-raw and "
@@ -51,8 +51,8 @@ def load_text(source: str | None, split: str) -> tuple[str, str]:
                 "(wikitext2, c4, ptb) to fetch from the Hugging Face Hub"
             )
         source = str(local)
-    if source == "wikitext2" and find_local_wikitext() is not None:  # the same data, offline
-        source = str(find_local_wikitext())
+    if source == "wikitext2" and local is not None:  # the same data, offline
+        source = str(local)
     p = Path(source).expanduser()
     if p.is_dir():
         f = p / f"wiki.{split}.raw"

@@ -115,13 +115,12 @@ def _run_layer(layer, x, args, kwargs, device):
 class _HessianHooks:
     """Forward hooks accumulating H = 2XᵀX/n per linear; stop the pass once every module has fired."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], device):
+    def __init__(self, modules: dict[str, torch.nn.Module]):
         self.H = {n: None for n in modules}
         self.count = {n: 0 for n in modules}
         self.fired: set[str] = set()
         self.stop_early = True
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
-        self.device = device
 
     def _hook(self, name):
         def hook(module, inputs, output):
@@ -218,7 +217,7 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
         mods = {rel: layer.get_submodule(rel) for rel in group}
         for rel, mod in mods.items():
             check_finite(weight_of(mod, spec), f"{spec.layers}.{i}.{rel}")
-        hooks = _HessianHooks(mods, acts.device)
+        hooks = _HessianHooks(mods)
         hooks.stop_early = gi > 0  # the first pass runs whole: its outputs are the fp reference
         try:
             outs = []

@@ -158,14 +158,14 @@ class QuantizedWeight:
     def perm(self) -> torch.Tensor | None:
         return self.parts.get("perm")
 
-    def dequantize_stored(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W in stored column order [R, C] (outliers applied, permutation not undone)."""
+    def dequantize_stored(self, dtype: torch.dtype = torch.float32, outliers: bool = True) -> torch.Tensor:
+        """W in stored column order [R, C] (outliers applied unless outliers=False; permutation not undone)."""
         gs = self.scheme.group_size
         s = grouping.expand(self.scales(), self.shape, gs)
         z = self.zeros()
         z = None if z is None else grouping.expand(z, self.shape, gs)
         W = grid(self.scheme).decode(self.codes(), s, z, self.scheme)
-        if "outlier_crow" in self.parts:
+        if outliers and "outlier_crow" in self.parts:
             rows, cols, vals = self.outliers()
             W[rows, cols] = vals.to(W.dtype)
         return W.to(dtype)
