@@ -102,3 +102,41 @@ def plot_layer(d: Path, name: str, out: Path, source: str | None = None) -> Path
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_allocation(info: dict, out: Path) -> Path:
+    """Heat map of a mixed checkpoint's allocation: decoder layer × linear, colour = measured bits per weight,
+    text = scheme. `info` is llmq.inspect.inspect_dir's output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from llmq.inspect import _split
+
+    rows, rels, bpw, label = [], [], {}, {}
+    for m in info["modules"]:
+        head, idx, rel = _split(m["name"])
+        key = f"{idx}" if idx is not None else head
+        rows.append(key) if key not in rows else None
+        rels.append(rel) if rel not in rels else None
+        bpw[key, rel] = m["bits_per_weight"]
+        label[key, rel] = m["scheme"].replace("-asym", "").replace("-clip", "").replace("int", "i")
+    grid = np.full((len(rows), len(rels)), np.nan)
+    for (r, c), v in bpw.items():
+        grid[rows.index(r), rels.index(c)] = v
+    fig, ax = plt.subplots(figsize=(1.4 * len(rels) + 2.5, 0.28 * len(rows) + 1.6), dpi=110)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    for (r, c), t in label.items():
+        ax.text(rels.index(c), rows.index(r), t, ha="center", va="center", fontsize=6,
+                color="white" if bpw[r, c] < np.nanmean(grid) else "black")  # fmt: skip
+    ax.set_xticks(range(len(rels)), [r.split(".")[-1] for r in rels], rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_ylabel("decoder layer")
+    ax.set_title(f"{Path(info['dir']).name}: scheme per linear, {info['bits_per_weight']:.3f} bits per weight overall")
+    fig.colorbar(im, ax=ax, label="bits per weight (all metadata counted)")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -31,6 +31,20 @@ def parse_range(s: str) -> tuple[float, float]:
     return lo, hi
 
 
+def parse_candidates(s: str) -> tuple[str, ...]:
+    from .config import scheme_from_name
+
+    names = tuple(n.strip() for n in s.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("--candidates: give at least one scheme, e.g. int3-g128,int4-g128")
+    for n in names:
+        try:
+            scheme_from_name(n)
+        except LlmqError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -63,7 +77,14 @@ def scheme_from_args(a):
 
 
 def cmd_quantize(a) -> int:
+    from .config import DEFAULT_CANDIDATES
     from .convert import convert
+
+    if a.candidates is not None and a.target_bpw is None:
+        raise LlmqError("--candidates is only used with --target-bpw BITS (mixed precision)")
+    if a.target_bpw is not None and not 1.0 < a.target_bpw <= 16.0:
+        raise LlmqError(f"--target-bpw {a.target_bpw:g}: give an average bits per weight between 1 and 16, e.g. 3.5")
+    a.candidates = a.candidates or DEFAULT_CANDIDATES
 
     summary = convert(a)
     if a.json:
@@ -76,6 +97,11 @@ def cmd_inspect(a) -> int:
     from .inspect import inspect_dir, print_table
 
     info = inspect_dir(Path(a.dir))
+    if a.plot_allocation:
+        from .eval.plots import plot_allocation
+
+        print(f"wrote {plot_allocation(info, Path(a.plot_allocation))}")
+        return 0
     if a.plot:
         from .eval.plots import plot_layer
 
@@ -136,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize columns by decreasing Hessian diagonal (default on)")
     g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
                    help="with act-order: fix group scales up front, no permutation stored (default on)")
+    m = q.add_argument_group("mixed precision")
+    m.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
+                   help="choose a scheme per linear by measured sensitivity so that the average bits per weight "
+                        "(all metadata counted) is at most BITS, e.g. 3.5; needs calibration data (--calib), "
+                        "and --bits/--group-size/--format are then replaced by --candidates")
+    m.add_argument("--candidates", type=parse_candidates, default=None, metavar="LIST",
+                   help="comma-separated schemes to choose from, e.g. int3-g128,int4-g128,int8-g128,"
+                        "int4-g128-out0.005 (default: 2/3/4/8 bits x g32..per channel, +-0.5%% outliers); "
+                        "--sym, --clip-search and --scale-dtype apply to each")
     d = q.add_argument_group("devices")
     d.add_argument("--device", default=None, help="run the active layer on this device, e.g. cuda:0 (default cpu)")
     d.add_argument("--offload-activations", action="store_true",
@@ -180,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--plot", metavar="LAYER", default=None,
                    help="write a PNG of this module's weights against its grid, and its per-group error")
+    i.add_argument("--plot-allocation", metavar="PNG", default=None,
+                   help="write a PNG map of the scheme and bits per weight of every linear (for mixed precision)")
     i.add_argument("--plot-out", metavar="PNG", default=None, help="where to write the plot (default LAYER.png)")
     i.add_argument("--source", metavar="MODEL", default=None,
                    help="the full-precision model, for --plot (default: the one named in summary.json)")

@@ -6,6 +6,7 @@ names the field, the value and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,3 +151,34 @@ class QuantPlan:
 
     def scheme_for(self, name: str) -> QuantScheme:
         return self.overrides.get(name, self.default)
+
+
+def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
+    """Parse a scheme name as `QuantScheme.describe()` writes it, e.g. 'int4-g128', 'int3-asym-g64-dq',
+    'nf4-g64', 'int8-pc', 'int4-sym-g128-clip-out0.005'. `defaults` fill the fields the name leaves out."""
+    parts = name.strip().lower().split("-")
+    m = re.fullmatch(r"(int([2348])|nf4)", parts[0])
+    _check(m is not None and len(parts) >= 2, f"scheme name {name!r} not understood; write e.g. int4-g128, "
+           "int3-g64-dq, nf4-g64, int8-pc, int4-g128-out0.005")  # fmt: skip
+    kw: dict[str, Any] = dict(defaults)
+    kw |= {"format": "nf4", "bits": 4} if parts[0] == "nf4" else {"format": "int", "bits": int(m.group(2))}
+    for p in parts[1:]:
+        if p in ("sym", "asym"):
+            kw["sym"] = p == "sym"
+        elif p in ("pc", "pt"):
+            kw["group_size"] = PER_CHANNEL if p == "pc" else PER_TENSOR
+        elif re.fullmatch(r"g\d+", p):
+            kw["group_size"] = int(p[1:])
+        elif p in ("dq", "clip"):
+            kw["double_quant" if p == "dq" else "clip_search"] = True
+        elif re.fullmatch(r"out\d*\.?\d+(e-?\d+)?", p):
+            kw["outliers"] = float(p[3:])
+        else:
+            raise LlmqError(f"scheme name {name!r}: part {p!r} not understood; known parts: sym, asym, gN, pc, pt, "
+                            "dq, clip, outFRACTION")  # fmt: skip
+    return QuantScheme(**kw)
+
+
+# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, with and without outliers.
+DEFAULT_CANDIDATES = ("int2-g32", "int2-g64", "int3-g32", "int3-g64", "int3-g128", "int3-pc", "int4-g32", "int4-g64",
+                      "int4-g128", "int4-pc", "int8-g128", "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip

@@ -49,7 +49,8 @@ def _args_record(a, src, plan, gcfg, ccfg) -> dict:
         calib["source"] = str(Path(calib["source"]).resolve())
     return {"model": str(src), "method": a.method, "scheme": plan.default.to_dict(),
             "gptq": dataclasses.asdict(gcfg) if gcfg else None, "calibration": calib, "dtype": a.dtype,
-            "max_shard_size": a.max_shard_size, "device": a.device, "llmq": __version__}  # fmt: skip
+            "max_shard_size": a.max_shard_size, "device": a.device, "llmq": __version__,
+            **({"target_bpw": a.target_bpw, "candidates": list(a.candidates)} if a.target_bpw else {})}  # fmt: skip
 
 
 def _read_layer(out: Path, parts: list[str], modules: dict, plan: QuantPlan) -> dict:
@@ -79,9 +80,10 @@ def convert(a) -> dict:
 
     plan = QuantPlan(scheme_from_args(a))
     gptq = a.method == "gptq"
+    mixed = a.target_bpw is not None
     gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups) if gptq else None
     ccfg = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
-                       token_range=a.calib_range) if gptq else None  # fmt: skip
+                       token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
     if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
         raise LlmqError(f"--device {a.device}: CUDA is not available on this machine; use --device cpu")
     dtype = DTYPES[a.dtype]
@@ -97,11 +99,16 @@ def convert(a) -> dict:
         tokenizer, why = sources.load_tokenizer(src)
         if tokenizer is None:
             log.warning("no tokenizer saved: %s", why)
-        acts = None
-        if gptq:
+        acts = alloc = None
+        calib = None
+        if ccfg is not None:
             from .calibration import calibration_windows
 
-            acts = start_activations(model, spec, calibration_windows(ccfg, tokenizer), a.device or "cpu",
+            calib = calibration_windows(ccfg, tokenizer)
+        if mixed:
+            plan, alloc = _mixed_plan(a, lazy, calib, gcfg, out)
+        if gptq:
+            acts = start_activations(model, spec, calib, a.device or "cpu",
                                      "cpu" if a.offload_activations else (a.device or "cpu"))  # fmt: skip
         t_load = time.perf_counter() - t0
         writer = CheckpointWriter(out, a.max_shard_size, first_part=prog.next_part)
@@ -141,12 +148,14 @@ def convert(a) -> dict:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(out)
         method = {"name": a.method, **({"gptq": dataclasses.asdict(gcfg), "calibration": prog.args["calibration"]}
-                                       if gptq else {})}  # fmt: skip
+                                       if gptq else {}),
+                  **({"mixed": alloc_summary(alloc, plan)} if alloc else {})}  # fmt: skip
         q_bytes = sum(f["bytes"] for f in facts.values())
         q_weights = sum(f["shape"][0] * f["shape"][1] for f in facts.values())
         summary = {
             "llmq_version": __version__, "model": str(src), "out": str(out), "method": method,
-            "scheme": plan.default.to_dict(), "scheme_name": plan.default.describe(), "arguments": prog.args,
+            "scheme": plan.default.to_dict(), "scheme_name": plan.default.describe() + (" (mixed)" if alloc else ""),
+            "arguments": prog.args,
             "streamed": lazy.streamed, "quantized_modules": len(facts), "quantized_weights": q_weights,
             "quantized_bytes": q_bytes, "bits_per_weight": 8 * q_bytes / max(q_weights, 1),
             "load_time_s": round(t_load, 2), "layers": [prog.layers[i]["report"] for i in sorted(prog.layers)],
@@ -173,6 +182,54 @@ def convert(a) -> dict:
               f"{summary['total_time_s']:.1f}s: {summary['bits_per_weight']:.3f} bits per weight, "
               f"{human_bytes(q_bytes)} quantized; {human_bytes(summary['file_bytes'])} on disk in {out}")  # fmt: skip
     return summary
+
+
+SENSITIVITY_NAME = "sensitivity.json"
+
+
+def _mixed_plan(a, lazy, calib, gcfg, out: Path):
+    """--target-bpw: measure every linear's sensitivity to every candidate scheme on the full-precision model
+    (held whole in memory for the backward pass), then allocate. The table and allocation are kept in
+    OUT/sensitivity.json; a resumed conversion reads them back instead of measuring again."""
+    import json
+
+    from .allocate import allocate, plan_for
+    from .archs import decoder_layers
+    from .config import scheme_from_name
+    from .sensitivity import SensitivityTable, layer_stats, sensitivity_table
+
+    path = out / SENSITIVITY_NAME
+    if path.is_file():
+        table = SensitivityTable.from_dict(json.loads(path.read_text())["table"])
+        log.info("sensitivity: reusing %s", path)
+    else:
+        base = {"clip_search": a.clip_search, "scale_dtype": a.scale_dtype, "sym": a.sym}
+        candidates = {n: scheme_from_name(n, **base) for n in a.candidates}
+        n = len(decoder_layers(lazy.model, lazy.spec))
+        for i in range(n):
+            lazy.layer(i)
+        stats = layer_stats(lazy.model, calib, a.quiet)
+        table = sensitivity_table(lazy.model, stats, candidates, a.method, gcfg, a.quiet)
+        del stats
+        for i in range(n):
+            lazy.release(i)
+    alloc = allocate(table.damage, table.nbytes, table.weights, a.target_bpw)
+    atomic_write_json(path, {"target_bpw": a.target_bpw, "allocation": alloc.to_dict(), "table": table.to_dict()})
+    plan = plan_for(alloc, table.schemes)
+    log.info("mixed precision: %.4f bits per weight (target %g), estimated loss increase %.4f nats; %s",
+             alloc.bits_per_weight, a.target_bpw, alloc.damage, _counts(alloc))  # fmt: skip
+    return plan, alloc
+
+
+def _counts(alloc) -> str:
+    from collections import Counter
+
+    return ", ".join(f"{s}: {k}" for s, k in Counter(alloc.choice.values()).most_common())
+
+
+def alloc_summary(alloc, plan) -> dict:
+    return {"bits_per_weight": round(alloc.bits_per_weight, 4), "estimated_loss_increase": alloc.damage,
+            "budget_bytes": alloc.budget_bytes, "used_bytes": alloc.used_bytes, "schemes": _counts(alloc)}  # fmt: skip
 
 
 def _unique_nonlayer_state(model, spec) -> dict:

@@ -37,14 +37,49 @@ def inspect_dir(d: Path) -> dict:
         "full_precision_bytes": fp_bytes,
         "file_bytes": file_bytes,
         "modules_not_converted": qc.get("modules_not_converted", []),
+        "mixed": bool(plan.overrides),
+        "allocation": allocation(modules) if plan.overrides else None,
         "modules": modules,
     }
+
+
+def allocation(modules: list[dict]) -> dict:
+    """Per decoder layer: {linear (relative name): scheme}, from inspect_dir's module list."""
+    layers: dict[str, dict[str, str]] = {}
+    for m in modules:
+        head, idx, rel = _split(m["name"])
+        layers.setdefault(f"{head}.{idx}" if idx is not None else head, {})[rel] = m["scheme"]
+    return layers
+
+
+def _split(name: str) -> tuple[str, int | None, str]:
+    """'model.layers.3.mlp.down_proj' -> ('model.layers', 3, 'mlp.down_proj')."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i]), int(p), ".".join(parts[i + 1 :])
+    return name, None, ""
+
+
+def print_allocation(info: dict) -> None:
+    """One row per decoder layer, one column per linear, cells = scheme without the common parts."""
+    alloc = info["allocation"]
+    rels = list(dict.fromkeys(r for row in alloc.values() for r in row))
+    short = {r: r.split(".")[-1].removesuffix("_proj") for r in rels}
+    cell = {s: s.replace("-asym", "").replace("-clip", "") for row in alloc.values() for s in row.values()}
+    w = max([len(v) for v in cell.values()] + [len(v) for v in short.values()])
+    lw = max(len(k) for k in alloc)
+    print("allocation (scheme per linear; -asym/-clip omitted):")
+    print(f"{'layer':<{lw}}  " + " ".join(f"{short[r]:<{w}}" for r in rels))
+    for layer, row in alloc.items():
+        print(f"{layer:<{lw}}  " + " ".join(f"{cell.get(row.get(r, '-'), '-'):<{w}}" for r in rels))
 
 
 def print_table(info: dict) -> None:
     from .cli import human_bytes
 
-    print(f"{info['dir']}: method {info['method']}, default scheme {info['default_scheme']}")
+    print(f"{info['dir']}: method {info['method']}, default scheme {info['default_scheme']}"
+          + (" (mixed precision: per-module schemes below)" if info.get("mixed") else ""))
     w = max((len(m["name"]) for m in info["modules"]), default=10)
     print(f"{'module':<{w}}  {'scheme':<22} {'shape':>13} {'size':>10} {'bits/w':>7}")
     for m in info["modules"]:
@@ -54,5 +89,7 @@ def print_table(info: dict) -> None:
           f"{human_bytes(info['quantized_bytes'])}, {info['bits_per_weight']:.3f} bits per weight")  # fmt: skip
     print(f"full precision (embeddings, norms, head): {human_bytes(info['full_precision_bytes'])}; "
           f"files on disk: {human_bytes(info['file_bytes'])}")  # fmt: skip
+    if info.get("allocation"):
+        print_allocation(info)
     if info["modules_not_converted"]:
         print(f"left in full precision: {', '.join(info['modules_not_converted'])}")
