@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 from .config import CalibConfig, GPTQConfig, QuantPlan, QuantScheme  # noqa: E402
 from .errors import LlmqError  # noqa: E402
 from .qtensor import QuantizedWeight  # noqa: E402
-from .hf import LlmqConfig  # noqa: E402  (registers quant_method "llmq" with transformers)
+from .hf import LlmqConfig, compile_decoding  # noqa: E402  (registers quant_method "llmq" with transformers)
 
 
 def __getattr__(name):  # heavy imports (transformers) only when used
@@ -24,4 +24,4 @@ def __getattr__(name):  # heavy imports (transformers) only when used
 
 
 __all__ = ["LlmqConfig", "QuantScheme", "GPTQConfig", "CalibConfig", "QuantPlan", "QuantizedWeight", "LlmqError",
-           "load_quantized", "save_quantized", "fake_quantize", "quantize", "set_backend"]  # fmt: skip
+           "load_quantized", "save_quantized", "fake_quantize", "quantize", "set_backend", "compile_decoding"]  # fmt: skip

@@ -72,7 +72,8 @@ def repack_int4(qw) -> dict[str, torch.Tensor]:
     zero_g = (s * (8 - z))[:, ::gs]
     sz = torch.stack([s_g.t(), zero_g.t()], dim=-1).to(torch.bfloat16).contiguous()  # [Kp/gs, N, 2]
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    return {"int4_packed": packed, "int4_sz": sz, "int4_gs": torch.tensor(gs), "int4_pad": torch.tensor(Kp - K)}
+    # gs / pad are Python ints, not tensors: reading a tensor's value in forward would break torch.compile graphs
+    return {"int4_packed": packed, "int4_sz": sz, "int4_gs": gs, "int4_pad": Kp - K}
 
 
 def repack_int8(qw) -> dict[str, torch.Tensor]:
@@ -81,20 +82,22 @@ def repack_int8(qw) -> dict[str, torch.Tensor]:
     s = qw.scales().reshape(-1).expand(N).contiguous()  # [N] (per tensor: one value repeated)
     z = qw.zeros()
     c = None if z is None else (s * (128 - z.reshape(-1).expand(N)))  # [N]
-    return {"int8_w": w8, "int8_s": s.float(), "int8_c": c}
+    # bf16 scales up front: the kernel takes them so, and a cast inside forward would be a computed input, which
+    # inductor's lowering of _weight_int8pack_mm rejects under torch.compile
+    return {"int8_w": w8, "int8_s": s.to(torch.bfloat16), "int8_c": None if c is None else c.to(torch.bfloat16)}
 
 
 def cpu_matmul(x2: torch.Tensor, packed: dict) -> torch.Tensor:
     """x2 [M, K] (already permuted) -> [M, N] in x2's dtype."""
     xb = x2.to(torch.bfloat16)  # both native kernels are fast with bf16 activations (int8 with fp32: ~14x slower)
     if "int4_packed" in packed:
-        pad = int(packed["int4_pad"])
+        pad = packed["int4_pad"]
         if pad:
             xb = torch.nn.functional.pad(xb, (0, pad))
-        y = torch._weight_int4pack_mm_for_cpu(xb.contiguous(), packed["int4_packed"], int(packed["int4_gs"]),
+        y = torch._weight_int4pack_mm_for_cpu(xb.contiguous(), packed["int4_packed"], packed["int4_gs"],
                                              packed["int4_sz"])  # fmt: skip
         return y.to(x2.dtype)
-    y = torch._weight_int8pack_mm(xb.contiguous(), packed["int8_w"], packed["int8_s"].to(torch.bfloat16))
+    y = torch._weight_int8pack_mm(xb.contiguous(), packed["int8_w"], packed["int8_s"])
     if packed["int8_c"] is not None:
-        y = y + xb.sum(-1, keepdim=True) * packed["int8_c"].to(torch.bfloat16)
+        y = y + xb.sum(-1, keepdim=True) * packed["int8_c"]
     return y.to(x2.dtype)

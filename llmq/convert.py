@@ -105,11 +105,15 @@ def convert(a) -> dict:
             from .calibration import calibration_windows
 
             calib = calibration_windows(ccfg, tokenizer)
+        if mixed or gptq:
+            lazy.load_rest(head=mixed)  # embeddings for calibration (all of the model for the sensitivity pass)
         if mixed:
             plan, alloc = _mixed_plan(a, lazy, calib, gcfg, out)
         if gptq:
             acts = start_activations(model, spec, calib, a.device or "cpu",
                                      "cpu" if a.offload_activations else (a.device or "cpu"))  # fmt: skip
+        lazy.release_rest()  # not needed again until they are written
+        del calib
         t_load = time.perf_counter() - t0
         writer = CheckpointWriter(out, a.max_shard_size, first_part=prog.next_part)
         n_layers = len(decoder_layers(model, spec))
@@ -141,6 +145,7 @@ def convert(a) -> dict:
             if os.environ.get(CRASH_ENV) == str(i):
                 os.kill(os.getpid(), signal.SIGKILL)
         facts = {n: f for i in sorted(prog.layers) for n, f in prog.layers[i]["modules"].items()}
+        lazy.load_rest(dtype)  # in the storage dtype: no full-precision copy of the embeddings and head
         rest = {k: v for k, v in _unique_nonlayer_state(model, spec).items()}
         writer.add(sentinel_tensor(next(iter(facts))) | stored_tensors(rest, {}, dtype))
         if tokenizer is not None:

@@ -128,6 +128,12 @@ class LlmqHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """QuantLinear's forward traces without graph breaks (backends keep shapes as Python ints), so
+        generate() may torch.compile the model with a static KV cache."""
+        return True
+
     # ---- on the fly ---------------------------------------------------------------------------
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return not self.pre_quantized and param_name.rpartition(".")[0] in self.targets and param_name.endswith(".weight")
@@ -207,3 +213,22 @@ class LlmqHfQuantizer(HfQuantizer):
         if rec and rec.get("sentinel"):
             state[rec["sentinel"]] = torch.zeros(0, dtype=torch.uint8)
         return state, dict(SHARD_METADATA)
+
+
+def compile_decoding(model, max_cache_len: int = 2048, mode: str | None = None):
+    """Make `model.generate()` decode with a static KV cache and a torch.compile'd forward, on any device.
+
+    transformers compiles the decoding step only on GPUs and only with a static cache; this sets both for
+    the CPU too. The cache is sized once for `max_cache_len` tokens (prompt + new tokens) so that later
+    calls reuse the compiled graph instead of recompiling (the first call compiles: tens of seconds on a
+    CPU). `mode`: torch.compile mode (default "default" on CPU, "reduce-overhead" = CUDA graphs on GPU).
+    Works for llmq models (QuantLinear traces without graph breaks) and plain ones. Returns the model."""
+    from transformers.generation import CompileConfig
+
+    gc = model.generation_config
+    gc.cache_implementation = "static"
+    gc.max_cache_len = max_cache_len
+    cc = CompileConfig(mode=mode or ("default" if model.device.type == "cpu" else "reduce-overhead"))
+    cc._compile_all_devices = True  # transformers' switch for compiling on devices other than GPUs/TPUs
+    gc.compile_config = cc
+    return model

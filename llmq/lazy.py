@@ -62,10 +62,12 @@ class LazyModel:
         self.model.eval()
         self._prefix = self._key_prefix()
         layer_prefix = spec.layers + "."
-        rest = [k for k, v in self.model.state_dict().items() if not k.startswith(layer_prefix) and v.is_meta]
-        self._load(rest, required=False)
-        self.model.tie_weights()
-        missing = [k for k, v in self.model.state_dict().items() if not k.startswith(layer_prefix) and v.is_meta]
+        # embeddings, final norm, head: not held while layers are processed (only calibration needs the
+        # embeddings, and the output needs them all at the end): see load_rest / release_rest
+        self.rest = [k for k in self.model.state_dict() if not k.startswith(layer_prefix)]
+        tied = getattr(config, "tie_word_embeddings", False)
+        missing = [k for k in self.rest if self._file_key(k) not in self.weight_map
+                   and not (tied and k.endswith("lm_head.weight"))]  # fmt: skip
         if missing:
             raise LlmqError(f"{self.dir}: tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
 
@@ -91,7 +93,27 @@ class LazyModel:
     def _file_key(self, name: str) -> str:
         return name.removeprefix(self._prefix) if self._prefix else name
 
-    def _load(self, names: list[str], required: bool = True) -> None:
+    def load_rest(self, dtype: torch.dtype | None = None, head: bool = True) -> None:
+        """Load the tensors outside the decoder layers (embeddings, norm, head), in `dtype` (default: the
+        model's compute dtype; the storage dtype when they are only going to be written). head=False leaves
+        the output head on disk (calibration stops at layer 0 and never needs it)."""
+        if self.streamed:
+            out = self.model.get_output_embeddings()
+            head_names = {n for n, p in self.model.named_parameters() if out is not None and any(p is q for q in out.parameters())}
+            names = [k for k, v in self.model.state_dict().items() if k in self.rest and v.is_meta
+                     and (head or k not in head_names)]  # fmt: skip
+            self._load(names, required=False, dtype=dtype)
+            self.model.tie_weights()
+
+    def release_rest(self) -> None:
+        if self.streamed:
+            for name, _ in list(self.model.named_parameters()):
+                if name in self.rest:
+                    _release(self.model, name)
+            self.model.tie_weights()  # a tied head still pointed at the old embedding
+            trim_heap()
+
+    def _load(self, names: list[str], required: bool = True, dtype: torch.dtype | None = None) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
         by_shard: dict[str, list[str]] = {}
@@ -107,7 +129,9 @@ class LazyModel:
                 with safe_open(self.dir / shard, "pt") as f:
                     for n in ns:
                         t = f.get_tensor(self._file_key(n))
-                        set_module_tensor_to_device(self.model, n, "cpu", value=t.to(self.dtype) if t.is_floating_point() else t)
+                        dt = dtype or self.dtype
+                        set_module_tensor_to_device(self.model, n, "cpu", value=t.to(dt) if t.is_floating_point() else t,
+                                                    dtype=dt if t.is_floating_point() else None)  # fmt: skip
             except SafetensorError as e:
                 raise LlmqError(f"{self.dir / shard}: unreadable safetensors file ({e}); it is truncated or corrupted") from None
 
@@ -125,7 +149,7 @@ class LazyModel:
             layer = decoder_layers(self.model, self.spec)[i]
             for name, _ in list(layer.named_parameters()):
                 _release(layer, name)
-        _trim_heap()
+        trim_heap()
 
 
 
@@ -137,7 +161,7 @@ def _release(module: torch.nn.Module, name: str) -> None:
         owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Return freed heap memory to the OS. glibc keeps freed blocks up to its (dynamic, up to 32 MB) mmap
     threshold in the heap, so without this each released layer left ~half its size resident (measured:
     +48 MB RSS per 2048x5632 layer, 4.6 GB peak converting a 6 GB checkpoint)."""

@@ -62,6 +62,21 @@ def test_generate_with_kv_cache_matches_no_cache(qdir):
     assert torch.equal(a, b)
 
 
+def test_compile_decoding_matches_eager(qdir):
+    """Static KV cache + torch.compile'd decoding (the fast CPU path) gives the eager tokens, and the cpu int4
+    backend traces (the logits of the two paths differ only by compiler rounding)."""
+    m = AutoModelForCausalLM.from_pretrained(qdir("--bits", "4", "--group-size", "32"), dtype=torch.float32)
+    assert {q.backend for q in m.modules() if isinstance(q, QuantLinear)} == {"cpu"}
+    x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    eager = m.generate(x, max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    llmq.compile_decoding(m, max_cache_len=32)
+    fast = m.generate(x, max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(eager.sequences, fast.sequences)
+    assert max(rel(a, b) for a, b in zip(fast.scores, eager.scores)) < 1e-3
+    again = m.generate(x, max_new_tokens=4, do_sample=False)  # a shorter call reuses the compiled graph
+    assert torch.equal(again, eager.sequences[:, :12])
+
+
 @pytest.mark.parametrize("method, kw, cli", [
     ("rtn", dict(bits=4, group_size=128), ["--bits", "4", "--group-size", "128"]),
     ("rtn", dict(bits=3, group_size=32, sym=True, outliers=0.01), ["--bits", "3", "--group-size", "32", "--sym", "--outliers", "0.01"]),

@@ -27,24 +27,35 @@ from .rtn import group_params, rtn
 log = logging.getLogger("llmq")
 
 
-def damped_inverse_cholesky(H: torch.Tensor, cfg: GPTQConfig, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, diag(H⁻¹)) with U upper-triangular, H⁻¹ = UᵀU, for H + λI, λ = damp·mean(diag H).
+def damped_inverse_cholesky(A: torch.Tensor, cfg: GPTQConfig, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """A = J·H·J, H in visiting order read backwards (J = the reversal), damped in place (the caller's copy):
+    -> (U, diag(H⁻¹)) with U upper-triangular, H⁻¹ = UᵀU, for H + λI, λ = damp·mean(diag H).
+
+    With J·H·J = L'L'ᵀ (Cholesky): H = (J L' J)(J L' J)ᵀ, and J L' J is upper-triangular, so
+    H⁻¹ = UᵀU with U = (J L' J)⁻¹. One Cholesky and one triangular solve (in place); H⁻¹ itself is never
+    formed, and at most two C×C matrices besides A are alive at once (at C = 5632, a down_proj, each is
+    127 MB: the largest temporaries of a streamed conversion).
 
     A Hessian that is not positive definite gets 10× the damping, up to cfg.max_damp_tries times (logged),
     then an LlmqError: never a silent fallback to round-to-nearest."""
-    C = H.shape[0]
-    mean_diag = torch.diag(H).mean()
-    damp = cfg.damp
+    C = A.shape[0]
+    mean_diag = torch.diagonal(A).mean()
+    damp, added = cfg.damp, 0.0
     for attempt in range(cfg.max_damp_tries + 1):
-        Hd = H + damp * mean_diag * torch.eye(C, dtype=H.dtype, device=H.device)
-        # With J the reversal permutation and J·H·J = L'L'ᵀ: H⁻¹ = J L'⁻ᵀ L'⁻¹ J = UᵀU for the upper-triangular
-        # U = J L'⁻¹ J. One Cholesky and one triangular inverse; H⁻¹ itself is never formed.
-        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+        A.diagonal().add_((damp - added) * mean_diag)
+        added = damp
+        L, info = torch.linalg.cholesky_ex(A)
         if info == 0:
-            eye = torch.eye(C, dtype=H.dtype, device=H.device)
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            R = L.flip(0, 1)  # J L' J, upper-triangular
+            del L
+            U = torch.eye(C, dtype=R.dtype, device=R.device)
+            torch.linalg.solve_triangular(R, U, upper=True, out=U)  # U = R⁻¹, in place
+            del R
             if torch.isfinite(U).all():
                 return U, U.square().sum(0)  # diag(UᵀU) = diag(H⁻¹)
+            raise LlmqError(f"{name or 'layer'}: the inverse Hessian overflowed; the calibration activations are "
+                            "degenerate (check the calibration text), or raise --damp")  # fmt: skip
+        del L
         if attempt < cfg.max_damp_tries:
             log.warning("%s: Hessian not positive definite with damp=%g; retrying with damp=%g", name or "layer",
                         damp, damp * 10)  # fmt: skip
@@ -63,19 +74,26 @@ def _block_bounds(C: int, block: int, group_len: int | None) -> list[int]:
 
 def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
          name: str = "") -> QuantizedWeight:  # fmt: skip
-    """W [R, C] (out, in), H [C, C] = 2XXᵀ/n of the layer's inputs -> QuantizedWeight."""
+    """W [R, C] (out, in), H [C, C] = 2XXᵀ/n of the layer's inputs -> QuantizedWeight. Neither is modified
+    (a caller that passes H without keeping a reference lets it be freed early: it is the largest input)."""
     if not torch.isfinite(H).all():
         raise LlmqError(f"{name or 'layer'}: the Hessian has NaN/Inf entries; the calibration activations overflowed")
     g = grid(scheme)
     W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(torch.float32).clone()
+    H = H.detach()
     R, C = W.shape
-    dead = torch.diag(H) == 0  # inputs that were always zero: weight irrelevant, set to 0
-    H[dead, dead] = 1
+    diagH = torch.diag(H).to(torch.float32)
+    dead = diagH == 0  # inputs that were always zero: weight irrelevant, set to 0
+    diagH[dead] = 1
     W[:, dead] = 0
 
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(C)
-    U, hinv_diag_p = damped_inverse_cholesky(H[perm][:, perm], cfg, name)
+    perm = torch.argsort(diagH, descending=True) if cfg.act_order else torch.arange(C)
+    rp = perm.flip(0)  # J·H_visiting·J is H indexed by the reversed visiting order: one copy
+    A = H[rp.unsqueeze(1), rp.unsqueeze(0)].to(torch.float32)
+    del H
+    A.diagonal()[dead[rp]] = 1
+    U, hinv_diag_p = damped_inverse_cholesky(A, cfg, name)
+    del A
     hinv_diag = torch.empty_like(hinv_diag_p)
     hinv_diag[perm] = hinv_diag_p
 
@@ -90,7 +108,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     Rs = 1 if gs == PER_TENSOR else R
     dynamic = gs not in (PER_CHANNEL, PER_TENSOR) and not (cfg.act_order and cfg.static_groups)
     keep = None if exact is None else ~exact
-    diagH = torch.diag(H)
     scale = torch.zeros(Rs, G)
     zero = None if scheme.format == "nf4" or scheme.sym else torch.zeros(Rs, G)
     if not dynamic:  # all group parameters up front, from the unquantized weight, original column order
@@ -105,7 +122,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     exact_p = None if exact is None else exact[:, perm]
     group_of = (perm if not dynamic else torch.arange(C)) // L if gs != PER_TENSOR else torch.zeros(C, dtype=torch.long)
     codes = torch.zeros(R, C, dtype=torch.uint8)
-    kept = torch.zeros(R, C)  # exact values (outliers), visiting order
+    kept = None if exact is None else torch.zeros(R, C)  # exact values (outliers), visiting order
 
     bounds = _block_bounds(C, cfg.block_size, L if dynamic else None)
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
