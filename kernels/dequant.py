@@ -1,5 +1,6 @@
-"""The dequantization step both GEMM kernels share: a [BLOCK_K, BLOCK_N] tile of W in fp32 from the layout
-of kernels/layout.py. A `@triton.jit` helper, inlined into each kernel.
+"""What both GEMM kernels share: `dequant_tile`, a [BLOCK_K, BLOCK_N] tile of W in fp32 from the layout of
+kernels/layout.py, and `dot_block`, one K step (load x, dequantize W, tl.dot). `@triton.jit` helpers,
+inlined into each kernel.
 
 Arguments (pointers into the TritonWeight tensors; offs_k [BLOCK_K] and offs_n [BLOCK_N] int32 absolute
 indices, masks for the edges):
@@ -51,3 +52,21 @@ def dequant_tile(qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_k, offs_n
             z = zero_sym.to(tl.float32)
         w = (q.to(tl.float32) - z) * s
     return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def dot_block(acc, x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_m, offs_n, k0, M, K, N, NB, zero_sym,
+              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, DQ: tl.constexpr,
+              HAS_ZEROS: tl.constexpr, NF4: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_M, BLOCK_N] fp32 += x[offs_m, k0:k0+BLOCK_K] @ W[k0:k0+BLOCK_K, offs_n] (dequantized here).
+    IEEE: multiply in fp32 without TF32 (fp32 activations)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                other=0.0)  # fmt: skip
+    w = dequant_tile(qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_k, offs_n, k0, K, N, NB, zero_sym,
+                     BITS, GROUP, BLOCK_K, DQ, HAS_ZEROS, NF4)  # fmt: skip
+    if IEEE:
+        acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+    else:
+        acc += tl.dot(a, w.to(a.dtype))
+    return acc

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import dequant_tile
+from .dequant import dot_block
 from .layout import TritonWeight, ieee_dot
 
 
@@ -47,15 +47,8 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, y_ptr, 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-                    other=0.0)  # fmt: skip
-        w = dequant_tile(qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_k, offs_n, k0, K, N, NB, zero_sym,
-                         BITS, GROUP, BLOCK_K, DQ, HAS_ZEROS, NF4)  # fmt: skip
-        if IEEE:
-            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w.to(a.dtype))
+        acc = dot_block(acc, x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_m, offs_n, k0, M, K, N, NB,
+                        zero_sym, BITS, GROUP, BLOCK_K, DQ, HAS_ZEROS, NF4, IEEE)  # fmt: skip
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))  # fmt: skip
 
