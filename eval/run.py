@@ -32,7 +32,10 @@ def open_model(spec: str, device: str, dtype: torch.dtype | None):
         except (OSError, ValueError) as e:
             raise LlmqError(f"{p}: no tokenizer in the checkpoint dir ({str(e).splitlines()[0]})") from None
         qc = json.loads((p / "config.json").read_text())["quantization_config"]
-        facts = {"kind": "llmq", "method": (qc.get("method") or {}).get("name"), "scheme": info["default_scheme"],
+        method = qc.get("method") or {}
+        mixed = "mixed" in method  # per-module schemes chosen by llmq quantize --target-bpw
+        facts = {"kind": "llmq", "method": "mixed" if mixed else method.get("name"),
+                 "scheme": f"mixed ({method.get('name')})" if mixed else info["default_scheme"],
                  "bits_per_weight": info["bits_per_weight"], "file_bytes": info["file_bytes"]}  # fmt: skip
         return model, tok, facts
     src = sources.resolve(spec)
