@@ -11,6 +11,8 @@ transformers loader dequantizes the whole model at once) are loaded whole; `stre
 """
 from __future__ import annotations
 
+import gc
+
 import json
 import logging
 from pathlib import Path
@@ -162,9 +164,15 @@ def _release(module: torch.nn.Module, name: str) -> None:
 
 
 def trim_heap() -> None:
-    """Return freed heap memory to the OS. glibc keeps freed blocks up to its (dynamic, up to 32 MB) mmap
-    threshold in the heap, so without this each released layer left ~half its size resident (measured:
-    +48 MB RSS per 2048x5632 layer, 4.6 GB peak converting a 6 GB checkpoint)."""
+    """Free what is only held by reference cycles, and return freed heap memory to the OS.
+
+    Cycles: the pipeline stops forward passes by raising from a hook, and each such traceback's frames hold
+    that pass's activations in a cycle that only the cyclic GC frees — rarely, since few Python objects
+    are allocated meanwhile (measured: RSS between layers crept from 0.5 to 0.8 GB over 25 layers of a
+    2048x5632 model without this). glibc keeps freed blocks up to its (dynamic, up to 32 MB) mmap
+    threshold in the heap, so without the trim each released layer left ~half its size resident
+    (measured: +48 MB RSS per 2048x5632 layer, 4.6 GB peak converting a 6 GB checkpoint)."""
+    gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

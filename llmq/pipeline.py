@@ -236,6 +236,7 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
             hooks.remove()
         Hs = hooks.hessians()
         del hooks  # Hs is now the only reference: each H is freed as soon as its module is done
+        trim_heap()  # the stopped passes' activations, held in traceback cycles
         for rel in list(Hs):
             name = f"{spec.layers}.{i}.{rel}"
             mod = mods[rel]
