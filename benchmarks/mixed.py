@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -44,6 +45,7 @@ from llmq.sensitivity import layer_stats, quantize_candidate, sensitivity_table 
 
 UNIFORM = ("int3-pc", "int3-g128", "int3-g64", "int4-pc", "int4-g128", "nf4-g64", "int4-g64", "nf4-g32", "int4-g32")
 PROBE = "int2-g64"
+WINDOW = 0.25  # compare with uniform schemes costing the same or up to this many bits per weight more
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -63,8 +65,14 @@ def main() -> int:
     ap.add_argument("--probe-windows", type=int, default=2, help="eval windows for the single-linear probes")
     ap.add_argument("--uniform", nargs="*", default=list(UNIFORM))
     ap.add_argument("--out", default="mixed")
+    ap.add_argument("--add-uniform", nargs="*", default=None, metavar="SCHEME",
+                    help="only run these uniform schemes (same protocol) and add them to the existing results")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown and plot from the JSON")
     a = ap.parse_args()
     m = machine()
+    if a.report_only:
+        report(json.loads((RESULTS / f"{a.out}.json").read_text()), a.out)
+        return 0
 
     src = sources.resolve(a.model or default_model())
     fp_model, _ = sources.load_model(src)
@@ -79,6 +87,26 @@ def main() -> int:
 
     def ppl(model) -> float:
         return perplexity(model, eval_tokens, 2048)["perplexity"]
+
+    def run(label, plan, kind, extra=None):
+        model = copy.deepcopy(fp_model)
+        t = time.perf_counter()
+        qw = quantize(model, plan, calib, method="gptq", gptq=gcfg)
+        secs = time.perf_counter() - t
+        fake_quantize(model, qw)
+        bpw = 8 * sum(q.nbytes() for q in qw.values()) / sum(q.shape[0] * q.shape[1] for q in qw.values())
+        row = {"label": label, "kind": kind, "perplexity": ppl(model), "bits_per_weight": bpw,
+               "quant_seconds": round(secs, 1), **(extra or {})}  # fmt: skip
+        print(f"{label}: ppl {row['perplexity']:.3f} at {bpw:.4f} bpw", flush=True)
+        return row
+
+    if a.add_uniform:
+        payload = json.loads((RESULTS / f"{a.out}.json").read_text())
+        for name in a.add_uniform:
+            payload["rows"].append(run(name, QuantPlan(scheme_from_name(name, clip_search=True)), "uniform",
+                                       {"estimated_loss_increase": None, "added_later": m["date"]}))  # fmt: skip
+        report(payload, a.out)
+        return 0
 
     fp_ppl = ppl(fp_model)
     print(f"fp {fp_ppl:.3f}", flush=True)
@@ -115,18 +143,6 @@ def main() -> int:
     print(f"spearman {rho:.3f}", flush=True)
     del stats
 
-    def run(label, plan, kind, extra=None):
-        model = copy.deepcopy(fp_model)
-        t = time.perf_counter()
-        qw = quantize(model, plan, calib, method="gptq", gptq=gcfg)
-        secs = time.perf_counter() - t
-        fake_quantize(model, qw)
-        bpw = 8 * sum(q.nbytes() for q in qw.values()) / sum(q.shape[0] * q.shape[1] for q in qw.values())
-        row = {"label": label, "kind": kind, "perplexity": ppl(model), "bits_per_weight": bpw,
-               "quant_seconds": round(secs, 1), **(extra or {})}  # fmt: skip
-        print(f"{label}: ppl {row['perplexity']:.3f} at {bpw:.4f} bpw", flush=True)
-        return row
-
     rows = []
     for target in a.targets:
         al = allocate(table.damage, table.nbytes, table.weights, target)
@@ -141,57 +157,85 @@ def main() -> int:
         est = sum(table.damage[n][name] for n in table.damage) if name in cands else None
         rows.append(run(name, QuantPlan(s), "uniform", {"estimated_loss_increase": est}))
 
-    # comparison: each mixed model vs the uniform schemes of the same or higher measured bpw
-    uni = [r for r in rows if r["kind"] == "uniform"]
-    for r in rows:
-        if r["kind"] != "mixed":
-            continue
-        above = [u for u in uni if u["bits_per_weight"] >= r["bits_per_weight"]]
-        nearest = min(above, key=lambda u: u["bits_per_weight"]) if above else None
-        best_within = min((u for u in above if u["bits_per_weight"] <= r["bits_per_weight"] + 0.25),
-                          key=lambda u: u["perplexity"], default=nearest)  # fmt: skip
-        r["nearest_uniform_above"] = nearest and {k: nearest[k] for k in ("label", "perplexity", "bits_per_weight")}
-        r["best_uniform_within_0.25"] = best_within and {k: best_within[k] for k in ("label", "perplexity", "bits_per_weight")}
-        r["beats"] = bool(best_within) and r["perplexity"] < best_within["perplexity"]
-
     protocol = {"eval": f"WikiText-2 test ({where}, sha256 {text_sha256(text)[:16]}), first {a.eval_windows} windows "
                         f"of 2048 = {len(eval_tokens):,} tokens, no BOS",
                 "calibration": f"{a.nsamples} x {a.seqlen} tokens, seed 0, from the second half of the token stream",
                 "method": "GPTQ, act-order + static groups + clip search, damp 0.01", "candidates": list(DEFAULT_CANDIDATES),
-                "sensitivity_seconds": {"gradients": round(t_stats, 1), "table": round(table.seconds, 1)}}  # fmt: skip
+                "sensitivity_seconds": {"gradients": round(t_stats, 1), "table": round(table.seconds, 1)},
+                "linears": len(table.damage), "probe_every": step, "probe_windows": a.probe_windows,
+                "dataset": {"sha256": text_sha256(text), "tokens": len(tokens)}, "model": str(src)}  # fmt: skip
     payload = {"machine": m, "protocol": protocol, "fp_perplexity": fp_ppl, "probe_scheme": PROBE, "probes": probes,
-               "spearman_probe": rho, "rows": rows}  # fmt: skip
-    md = [f"# Mixed precision by measured sensitivity: {Path(str(src)).name}", "", machine_line(m), "",
-          f"Eval: {protocol['eval']}. Calibration: {protocol['calibration']}. Every model: {protocol['method']}. "
-          f"fp perplexity {fp_ppl:.3f}. Sensitivity cost: gradients {t_stats:.0f} s + {len(cands)} candidate "
-          f"schemes x {len(table.damage)} linears {table.seconds:.0f} s (GPTQ per candidate).", "",
-          "| model | measured bits/w | perplexity | est. Δloss | beats best uniform at ≥ its bits (within +0.25) |",
-          "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
-    for r in sorted(rows, key=lambda r: r["bits_per_weight"]):
-        cmp = "-"
-        if r["kind"] == "mixed":
-            b = r["best_uniform_within_0.25"]
-            cmp = f"{'yes' if r['beats'] else 'NO'} vs {b['label']} ({b['perplexity']:.3f} at {b['bits_per_weight']:.3f})" if b else "no uniform above"
-        est = f"{r['estimated_loss_increase']:.4f}" if r.get("estimated_loss_increase") is not None else "-"
-        md.append(f"| {r['label']} | {r['bits_per_weight']:.4f} | {r['perplexity']:.3f} | {est} | {cmp} |")
-    md += ["", "Allocations (number of linears per scheme):", ""]
-    md += [f"- {r['label']}: " + ", ".join(f"{k} x{v}" for k, v in r["schemes"].items()) for r in rows if r["kind"] == "mixed"]
-    md += ["", f"Does the estimate predict measured damage? {len(probes)} linears (every {step}th) quantized alone to {PROBE} "
-           f"(GPTQ), log-perplexity increase measured on the first {a.probe_windows} eval windows: "
-           f"Spearman rank correlation between estimated loss increase and measured log-perplexity increase = "
-           f"**{rho:.3f}**. Across the mixed and uniform models: Spearman(estimated, measured log ppl increase) = "
-           f"**{spearman([r['estimated_loss_increase'] for r in rows if r.get('estimated_loss_increase') is not None], [math.log(r['perplexity'] / fp_ppl) for r in rows if r.get('estimated_loss_increase') is not None]):.3f}**.",
-           "", "![ppl vs bpw](mixed_ppl_vs_bpw.png)"]  # fmt: skip
-    write_results(a.out, payload, "\n".join(md) + "\n")
-    plot(rows, fp_ppl, text, len(tokens), len(eval_tokens))
+               "spearman_probe": rho, "rows": rows, "table": table.to_dict()}  # fmt: skip
+    report(payload, a.out)
     return 0
 
 
-def plot(rows, fp_ppl, text, n_tokens, n_eval):
+def compare(rows: list[dict], window: float = WINDOW) -> None:
+    """Each mixed model vs the uniform schemes that cost the same or at most `window` bits per weight more
+    (a wider window would pit a 3.5-bit budget against 4-bit schemes), and vs the uniform frontier
+    interpolated at its size."""
+    uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda u: u["bits_per_weight"])
+    for r in (r for r in rows if r["kind"] == "mixed"):
+        b = r["bits_per_weight"]
+        band = [u for u in uni if b <= u["bits_per_weight"] <= b + window]
+        best = min(band, key=lambda u: u["perplexity"], default=None)
+        r["best_uniform_in_window"] = best and {k: best[k] for k in ("label", "perplexity", "bits_per_weight")}
+        r["beats"] = bool(best) and r["perplexity"] < best["perplexity"]
+        # frontier: the best uniform perplexity reachable at <= bpw, linearly interpolated between uniform points
+        pts = [(u["bits_per_weight"], u["perplexity"]) for u in uni]
+        lo = [p for p in pts if p[0] <= b]
+        hi = [p for p in pts if p[0] >= b]
+        if lo and hi:
+            (x0, y0), (x1, y1) = max(lo, key=lambda p: p[0]), min(hi, key=lambda p: p[0])
+            r["uniform_frontier_at_bpw"] = y0 if x1 == x0 else y0 + (y1 - y0) * (b - x0) / (x1 - x0)
+
+
+def report(payload: dict, out: str) -> None:
+    rows, probes, pr, fp_ppl = payload["rows"], payload["probes"], payload["protocol"], payload["fp_perplexity"]
+    compare(rows)
+    est_rows = [r for r in rows if r.get("estimated_loss_increase") is not None]
+    rho_models = spearman([r["estimated_loss_increase"] for r in est_rows], [math.log(r["perplexity"] / fp_ppl) for r in est_rows])
+    payload["spearman_models"] = rho_models
+    md = [f"# Mixed precision by measured sensitivity: {Path(pr['model']).name}", "", machine_line(payload["machine"]), "",
+          f"Eval: {pr['eval']}. Calibration: {pr['calibration']}. Every model: {pr['method']}. fp perplexity "
+          f"{fp_ppl:.3f}. Sensitivity cost: gradients {pr['sensitivity_seconds']['gradients']:.0f} s + "
+          f"{len(pr['candidates'])} candidate schemes x {pr['linears']} linears "
+          f"{pr['sensitivity_seconds']['table']:.0f} s (GPTQ per candidate); the run shared the 2 cores with other "
+          "jobs (1 torch thread).", "",
+          f"Comparison: each mixed model against the best uniform scheme that costs the same or up to {WINDOW} bits per "
+          "weight more, and against the uniform frontier (the uniform perplexities linearly interpolated at the "
+          "mixed model's size).", "",
+          "| model | measured bits/w | perplexity | est. Δloss (nats) | best uniform at +0..0.25 bits | uniform frontier here |",
+          "| --- | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: r["bits_per_weight"]):
+        cmp = front = "-"
+        if r["kind"] == "mixed":
+            b = r["best_uniform_in_window"]
+            cmp = (f"**{'beaten' if r['beats'] else 'NOT beaten'}**: {b['label']} {b['perplexity']:.3f} at "
+                   f"{b['bits_per_weight']:.3f}") if b else "none in the window"  # fmt: skip
+            front = f"{r['uniform_frontier_at_bpw']:.3f}" if r.get("uniform_frontier_at_bpw") else "-"
+        est = f"{r['estimated_loss_increase']:.4f}" if r.get("estimated_loss_increase") is not None else "-"
+        label = f"**{r['label']}**" if r["kind"] == "mixed" else r["label"]
+        md.append(f"| {label} | {r['bits_per_weight']:.4f} | {r['perplexity']:.3f} | {est} | {cmp} | {front} |")
+    md += ["", "Allocations (number of linears per scheme):", ""]
+    md += [f"- {r['label']}: " + ", ".join(f"{k} x{v}" for k, v in r["schemes"].items()) for r in rows if r["kind"] == "mixed"]
+    md += ["", f"Does the estimate predict measured damage? {len(probes)} linears (every {pr['probe_every']}th) quantized "
+           f"alone to {payload['probe_scheme']} (GPTQ), log-perplexity increase measured on the first "
+           f"{pr['probe_windows']} eval windows: Spearman rank correlation with the estimated loss increase = "
+           f"**{payload['spearman_probe']:.3f}**. Across the whole models above (uniform and mixed): Spearman(estimated, "
+           f"measured log-perplexity increase) = **{rho_models:.3f}**.", "",
+           "| linear (alone, " + payload["probe_scheme"] + ") | estimated Δloss | measured Δlog ppl |", "| --- | ---: | ---: |"]  # fmt: skip
+    md += [f"| {p['linear']} | {p['estimated_loss_increase']:.5f} | {p['measured_log_ppl_increase']:.5f} |" for p in probes]
+    md += ["", "![ppl vs bpw](mixed_ppl_vs_bpw.png)"]
+    write_results(out, payload, "\n".join(md) + "\n")
+    plot(rows, fp_ppl, pr["dataset"])
+
+
+def plot(rows, fp_ppl, dataset):
     """The report command's ppl-vs-bpw plot, fed records in its own format."""
     from llmq.eval.report import plot_ppl_vs_bpw
 
-    ds = {"name": "wikitext2", "split": "test", "sha256": text_sha256(text), "tokens": n_tokens}
+    ds = {"name": "wikitext2", "split": "test", **dataset}
     recs = [{"label": "fp", "kind": "fp", "perplexity": fp_ppl, "dataset": ds}]
     recs += [{"label": r["label"], "kind": "llmq", "method": "mixed" if r["kind"] == "mixed" else "gptq",
               "perplexity": r["perplexity"], "bits_per_weight": r["bits_per_weight"], "dataset": ds} for r in rows]  # fmt: skip
