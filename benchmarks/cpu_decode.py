@@ -116,6 +116,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="cpu_decode")
+    ap.add_argument("--variants", nargs="*", default=None, metavar="SUBSTRING",
+                    help="run only the variants whose names contain one of these (the fp32 eager baseline always runs)")
     ap.add_argument("--run", nargs=3, metavar=("MODEL", "DTYPE", "COMPILED"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     m = machine()  # at the start: the code this run imported
@@ -130,6 +132,8 @@ def main() -> int:
             ckpts[key] = str(Path(tmp, key))
             subprocess.run([sys.executable, "-m", "llmq", "quantize", model, ckpts[key], "--quiet", *args], check=True)
         for name, (key, dtype, compiled) in VARIANTS.items():
+            if a.variants and name != "fp32 (transformers)" and not any(v in name for v in a.variants):
+                continue
             path = model if key is None else ckpts[key]
             r = subprocess.run([sys.executable, __file__, "--run", path, dtype, str(int(compiled)), "--tokens", str(a.tokens),
                                 "--repeats", str(a.repeats)], capture_output=True, text=True)  # fmt: skip

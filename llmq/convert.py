@@ -27,7 +27,8 @@ from .errors import LlmqError
 from .progress import Progress
 
 log = logging.getLogger("llmq")
-CRASH_ENV = "LLMQ_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL this process right after layer N is recorded
+CRASH_ENV = "LLMQ_TEST_KILL_AFTER_LAYER"
+BIG_TENSOR = 64 << 20  # bytes: embeddings / heads above this get a part file of their own  # tests: SIGKILL this process right after layer N is recorded
 
 
 def peak_rss_mb() -> float:
@@ -146,8 +147,19 @@ def convert(a) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)
         facts = {n: f for i in sorted(prog.layers) for n, f in prog.layers[i]["modules"].items()}
         lazy.load_rest(dtype)  # in the storage dtype: no full-precision copy of the embeddings and head
-        rest = {k: v for k, v in _unique_nonlayer_state(model, spec).items()}
-        writer.add(sentinel_tensor(next(iter(facts))) | stored_tensors(rest, {}, dtype))
+        rest = stored_tensors(_unique_nonlayer_state(model, spec), {}, dtype)
+        writer.add(sentinel_tensor(next(iter(facts))))
+        for k in list(rest):  # one big tensor per part: writing serializes a copy of the part in memory
+            t = rest.pop(k)
+            if t.numel() * t.element_size() >= BIG_TENSOR:
+                writer.flush()
+                writer.add({k: t})
+                writer.flush()
+            else:
+                writer.add({k: t})
+            del t
+        if lazy.streamed:
+            lazy.release_rest()
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         if getattr(model, "generation_config", None) is not None:
