@@ -27,8 +27,8 @@ from .errors import LlmqError
 from .progress import Progress
 
 log = logging.getLogger("llmq")
-CRASH_ENV = "LLMQ_TEST_KILL_AFTER_LAYER"
-BIG_TENSOR = 64 << 20  # bytes: embeddings / heads above this get a part file of their own  # tests: SIGKILL this process right after layer N is recorded
+CRASH_ENV = "LLMQ_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL this process right after layer N is recorded
+BIG_TENSOR = 64 << 20  # bytes: embeddings / heads above this get a part file of their own
 
 
 def peak_rss_mb() -> float:
@@ -158,15 +158,14 @@ def convert(a) -> dict:
             else:
                 writer.add({k: t})
             del t
-        if lazy.streamed:
-            lazy.release_rest()
+        lazy.release_rest()
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(out)
         method = {"name": a.method, **({"gptq": dataclasses.asdict(gcfg), "calibration": prog.args["calibration"]}
                                        if gptq else {}),
-                  **({"mixed": alloc_summary(alloc, plan)} if alloc else {})}  # fmt: skip
+                  **({"mixed": alloc_summary(alloc)} if alloc else {})}  # fmt: skip
         q_bytes = sum(f["bytes"] for f in facts.values())
         q_weights = sum(f["shape"][0] * f["shape"][1] for f in facts.values())
         summary = {
@@ -244,7 +243,7 @@ def _counts(alloc) -> str:
     return ", ".join(f"{s}: {k}" for s, k in Counter(alloc.choice.values()).most_common())
 
 
-def alloc_summary(alloc, plan) -> dict:
+def alloc_summary(alloc) -> dict:
     return {"bits_per_weight": round(alloc.bits_per_weight, 4), "estimated_loss_increase": alloc.damage,
             "budget_bytes": alloc.budget_bytes, "used_bytes": alloc.used_bytes, "schemes": _counts(alloc)}  # fmt: skip
 
