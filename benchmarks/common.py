@@ -6,9 +6,10 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
+
+from llmq.convert import peak_rss_mb  # noqa: F401  (re-exported for the benchmark scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -27,10 +28,6 @@ def reset_peak_rss() -> None:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-
-
-def peak_rss_mb() -> float:
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
 def machine() -> dict:

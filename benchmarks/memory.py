@@ -6,7 +6,8 @@ Generates (once; not committed) a random-init Llama-architecture checkpoint in f
 hidden 2048, intermediate 5632, 16 heads, untied 49,152-token embedding and head (SmolLM2's tokenizer is
 copied in for calibration), `--layers` decoder layers (56 -> 6.2 GB). Then runs `llmq quantize --method gptq`
 (GPTQ by default; RTN streams the same way without calibration) on it in a subprocess and reads that
-process's peak RSS (getrusage, from summary.json).
+process's peak RSS (the kernel's VmHWM of that process, from summary.json; not getrusage, which Linux
+carries over from the parent across fork + exec).
 
 The one-layer budget is computed from the real sizes: process baseline (RSS after importing torch,
 transformers and llmq) + one decoder layer in fp32 + the largest Hessian set held at once + calibration
@@ -71,7 +72,7 @@ def generate(d: Path, layers: int) -> int:
 
 
 def baseline_rss_mb() -> float:
-    code = "import resource, torch, transformers, llmq; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    code = "import torch, transformers, llmq; from llmq.convert import peak_rss_mb; print(peak_rss_mb())"
     return float(subprocess.check_output([sys.executable, "-c", code], text=True).strip().splitlines()[-1])
 
 
