@@ -43,7 +43,9 @@ from llmq.modeling import fake_quantize  # noqa: E402
 from llmq.pipeline import quantize  # noqa: E402
 from llmq.sensitivity import layer_stats, quantize_candidate, sensitivity_table  # noqa: E402
 
-UNIFORM = ("int3-pc", "int3-g128", "int3-g64", "int4-pc", "int4-g128", "nf4-g64", "int4-g64", "nf4-g32", "int4-g32")
+# every uniform scheme within WINDOW above a target (3.0 / 3.5 / 4.0 / 4.5), plus a few for the frontier
+UNIFORM = ("int3-pc", "int3-g128", "int3-g64-dq", "int3-g64", "int3-g32", "int4-pc", "nf4-g128-dq", "nf4-g64-dq",
+           "nf4-g128", "int4-g128", "nf4-g64", "nf4-g32-dq", "int4-g64", "nf4-g32", "int4-g32")  # fmt: skip
 PROBE = "int2-g64"
 WINDOW = 0.25  # compare with uniform schemes costing the same or up to this many bits per weight more
 
@@ -67,11 +69,18 @@ def main() -> int:
     ap.add_argument("--out", default="mixed")
     ap.add_argument("--add-uniform", nargs="*", default=None, metavar="SCHEME",
                     help="only run these uniform schemes (same protocol) and add them to the existing results")
+    ap.add_argument("--rows-to", default=None, metavar="FILE",
+                    help="with --add-uniform: write the rows to FILE instead (to run beside a full run)")
+    ap.add_argument("--merge-rows", nargs="*", default=None, metavar="FILE",
+                    help="add the rows of these --rows-to files to the results and rewrite the report")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown and plot from the JSON")
     a = ap.parse_args()
     m = machine()
-    if a.report_only:
-        report(json.loads((RESULTS / f"{a.out}.json").read_text()), a.out)
+    if a.report_only or a.merge_rows:
+        payload = json.loads((RESULTS / f"{a.out}.json").read_text())
+        for f in a.merge_rows or []:
+            payload["rows"] += json.loads(Path(f).read_text())
+        report(payload, a.out)
         return 0
 
     src = sources.resolve(a.model or default_model())
@@ -101,10 +110,13 @@ def main() -> int:
         return row
 
     if a.add_uniform:
+        rows = [run(name, QuantPlan(scheme_from_name(name, clip_search=True)), "uniform",
+                    {"estimated_loss_increase": None, "run": m}) for name in a.add_uniform]  # fmt: skip
+        if a.rows_to:
+            Path(a.rows_to).write_text(json.dumps(rows, indent=1))
+            return 0
         payload = json.loads((RESULTS / f"{a.out}.json").read_text())
-        for name in a.add_uniform:
-            payload["rows"].append(run(name, QuantPlan(scheme_from_name(name, clip_search=True)), "uniform",
-                                       {"estimated_loss_increase": None, "added_later": m["date"]}))  # fmt: skip
+        payload["rows"] += rows
         report(payload, a.out)
         return 0
 
@@ -192,6 +204,10 @@ def compare(rows: list[dict], window: float = WINDOW) -> None:
 
 def report(payload: dict, out: str) -> None:
     rows, probes, pr, fp_ppl = payload["rows"], payload["probes"], payload["protocol"], payload["fp_perplexity"]
+    table = payload.get("table")
+    for r in rows:  # uniform rows run separately (--add-uniform): their estimate from the saved table
+        if r["kind"] == "uniform" and r.get("estimated_loss_increase") is None and table and r["label"] in table["schemes"]:
+            r["estimated_loss_increase"] = sum(d[r["label"]] for d in table["damage"].values())
     compare(rows)
     est_rows = [r for r in rows if r.get("estimated_loss_increase") is not None]
     rho_models = spearman([r["estimated_loss_increase"] for r in est_rows], [math.log(r["perplexity"] / fp_ppl) for r in est_rows])
@@ -200,8 +216,8 @@ def report(payload: dict, out: str) -> None:
           f"Eval: {pr['eval']}. Calibration: {pr['calibration']}. Every model: {pr['method']}. fp perplexity "
           f"{fp_ppl:.3f}. Sensitivity cost: gradients {pr['sensitivity_seconds']['gradients']:.0f} s + "
           f"{len(pr['candidates'])} candidate schemes x {pr['linears']} linears "
-          f"{pr['sensitivity_seconds']['table']:.0f} s (GPTQ per candidate); the run shared the 2 cores with other "
-          "jobs (1 torch thread).", "",
+          f"{pr['sensitivity_seconds']['table']:.0f} s (GPTQ per candidate), {payload['machine']['torch_threads']} "
+          "torch thread(s); other jobs shared the 2 cores, so times are indicative.", "",
           f"Comparison: each mixed model against the best uniform scheme that costs the same or up to {WINDOW} bits per "
           "weight more, and against the uniform frontier (the uniform perplexities linearly interpolated at the "
           "mixed model's size).", "",

@@ -179,6 +179,11 @@ def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     return QuantScheme(**kw)
 
 
-# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, with and without outliers.
-DEFAULT_CANDIDATES = ("int2-g32", "int2-g64", "int3-g32", "int3-g64", "int3-g128", "int3-pc", "int4-g32", "int4-g64",
-                      "int4-g128", "int4-pc", "int8-g128", "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip
+# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF4, and
+# outliers; each fills a different point of the size ladder (measured bits per weight on a 576-wide linear):
+# int3 pc 3.06 < g128 3.17 ~ g64-dq 3.18 < g64 3.32 < g32 3.59; int4 pc 4.07 ~ nf4 g128-dq 4.07 < nf4 g64-dq 4.13
+# < int4 g128 4.19 < nf4 g64 4.25 ~ nf4 g32-dq 4.26 < int4 g64 4.35 < nf4 g32 4.5. NF4 replaces int4 at g32 (on
+# SmolLM2 nf4-g32 beats int4-g32 at 0.16 bits less, benchmarks/results/mixed.md).
+DEFAULT_CANDIDATES = ("int2-g32", "int2-g64", "int3-pc", "int3-g128", "int3-g64-dq", "int3-g64", "int3-g32",
+                      "int4-pc", "nf4-g128-dq", "nf4-g64-dq", "int4-g128", "nf4-g64", "nf4-g32-dq", "int4-g64",
+                      "nf4-g32", "int8-g128", "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip
