@@ -114,6 +114,7 @@ def test_summary_model_card_and_tokenizer(src4, sample_text, tmp_path):
     assert (out / "generation_config.json").is_file()
     llmq.load_quantized(out)
 
+
 def test_peak_rss_is_the_conversions_own_not_its_parents():
     """summary.json's peak_rss_mb must not inherit the launching process's size (Linux keeps ru_maxrss across
     fork + exec): a child of a parent holding 1.5 GB reports only what it used itself."""
@@ -122,7 +123,6 @@ def test_peak_rss_is_the_conversions_own_not_its_parents():
     child = float(subprocess.check_output([sys.executable, "-c", code], text=True).split()[-1])
     del big
     assert 20 < child < 1000, child
-
 
 
 def test_progress_bar_and_per_layer_lines(src4, tmp_path):
