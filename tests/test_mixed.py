@@ -85,10 +85,11 @@ def test_scheme_names_round_trip():
 
 
 def test_layer_stats_match_autograd():
-    """A = mean x xᵀ and G = mean (∂ loss/∂y)² of one linear, against a direct autograd computation."""
+    """A = mean x xᵀ and G = mean (∂ loss/∂y)² of one linear (empirical Fisher: the data's next tokens), against
+    a direct autograd computation."""
     model = make_tiny("llama").float()
     calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    stats = layer_stats(model, calib)
+    stats = layer_stats(model, calib, fisher="empirical")
     name = "model.layers.1.mlp.down_proj"
     lin = model.get_submodule(name)
     xs, ys = [], []
@@ -118,6 +119,44 @@ def test_layer_stats_match_autograd():
     D = torch.randn_like(W) * 1e-2
     assert damage(W, W, stats[name]) == 0
     assert damage(W, W + 2 * D, stats[name]) == pytest.approx(4 * damage(W, W + D, stats[name]), rel=1e-5)
+
+
+def test_true_fisher_is_the_expected_squared_gradient():
+    """fisher="true" draws next tokens from the model: averaged over many draws, G must converge to the exact
+    expectation E_y[(∂ℓ/∂o)²] = Σ_t Σ_v p_t(v) (∂ℓ_t(v)/∂o)² (the draws of different positions are independent
+    and E_y[∂ℓ_t/∂z_t] = 0, so the cross terms vanish), computed here label by label; and it must differ from the
+    empirical Fisher of the same window."""
+    torch.manual_seed(0)
+    model = make_tiny("llama", vocab=48).float()
+    row = torch.randint(0, 48, (6,), generator=torch.Generator().manual_seed(1))
+    name = "model.layers.0.self_attn.v_proj"
+    lin = model.get_submodule(name)
+    outs = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        outs.append(output)
+
+    h = lin.register_forward_hook(keep)
+    exact = 0
+    logits = model(row.unsqueeze(0)).logits[0, :-1].detach()
+    p = torch.softmax(logits, -1)
+    for t in range(len(row) - 1):
+        for v in range(48):
+            outs.clear()
+            z = model(row.unsqueeze(0)).logits[0, t]
+            torch.nn.functional.cross_entropy(z[None], torch.tensor([v])).backward()
+            exact = exact + p[t, v] * outs[0].grad[0].square().sum(0)
+    h.remove()
+    model.zero_grad()
+    exact = exact / len(row)  # G is a mean over the window's positions
+    draws = layer_stats(model, row.repeat(400, 1), fisher="true")[name].G
+    emp = layer_stats(model, row.unsqueeze(0), fisher="empirical")[name].G
+    rel = lambda a: float((a - exact).norm() / exact.norm())  # noqa: E731
+    assert rel(draws) < 0.1, rel(draws)  # Monte Carlo error of 400 draws per position: ~5%
+    assert rel(emp) > 3 * rel(draws)
+    with pytest.raises(LlmqError, match="fisher='fishy'"):
+        layer_stats(model, row.unsqueeze(0), fisher="fishy")
 
 
 @pytest.fixture
