@@ -44,8 +44,9 @@ from llmq.pipeline import quantize  # noqa: E402
 from llmq.sensitivity import layer_stats, quantize_candidate, sensitivity_table  # noqa: E402
 
 # every uniform scheme within WINDOW above a target (3.0 / 3.5 / 4.0 / 4.5), plus a few for the frontier
-UNIFORM = ("int3-pc", "int3-g128", "int3-g64-dq", "int3-g64", "int3-g32", "int4-pc", "nf4-g128-dq", "nf4-g64-dq",
-           "nf4-g128", "int4-g128", "nf4-g64", "nf4-g32-dq", "int4-g64", "nf4-g32", "int4-g32")  # fmt: skip
+UNIFORM = ("int3-pc", "int3-g128-dq", "int3-g128", "int3-g64-dq", "int3-g64", "int3-g32-dq", "int3-g32", "int4-pc",
+           "nf4-g128-dq", "nf4-g64-dq", "nf4-g128", "int4-g128", "nf4-g64", "nf4-g32-dq", "int4-g64", "nf4-g32",
+           "int4-g32")  # fmt: skip
 PROBE = "int2-g64"
 WINDOW = 0.25  # compare with uniform schemes costing the same or up to this many bits per weight more
 
@@ -73,6 +74,9 @@ def main() -> int:
                     help="with --add-uniform: write the rows to FILE instead (to run beside a full run)")
     ap.add_argument("--merge-rows", nargs="*", default=None, metavar="FILE",
                     help="add the rows of these --rows-to files to the results and rewrite the report")
+    ap.add_argument("--keep-uniform", action="store_true",
+                    help="reuse the uniform rows of the existing results (they do not depend on the sensitivity "
+                         "estimate) instead of re-running them")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown and plot from the JSON")
     a = ap.parse_args()
     m = machine()
@@ -164,7 +168,13 @@ def main() -> int:
         rows.append(run(f"mixed {target:g}", plan_for(al, table.schemes), "mixed",
                         {"target_bpw": target, "estimated_loss_increase": al.damage, "allocation_bpw": al.bits_per_weight,
                          "schemes": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "choice": al.choice}))  # fmt: skip
-    for name in a.uniform:
+    if a.keep_uniform:
+        old = json.loads((RESULTS / f"{a.out}.json").read_text())
+        kept = [{**r, "estimated_loss_increase": None, "run": r.get("run", old["machine"])} for r in old["rows"]
+                if r["kind"] == "uniform"]  # fmt: skip
+        rows += kept
+        print(f"kept {len(kept)} uniform rows from {a.out}.json", flush=True)
+    for name in [] if a.keep_uniform else a.uniform:
         s = scheme_from_name(name, clip_search=True)
         est = sum(table.damage[n][name] for n in table.damage) if name in cands else None
         rows.append(run(name, QuantPlan(s), "uniform", {"estimated_loss_increase": est}))
@@ -233,6 +243,11 @@ def report(payload: dict, out: str) -> None:
         est = f"{r['estimated_loss_increase']:.4f}" if r.get("estimated_loss_increase") is not None else "-"
         label = f"**{r['label']}**" if r["kind"] == "mixed" else r["label"]
         md.append(f"| {label} | {r['bits_per_weight']:.4f} | {r['perplexity']:.3f} | {est} | {cmp} | {front} |")
+    runs = {(r["run"]["git"], r["run"]["date"][:16]) for r in rows if r.get("run")}
+    if runs:
+        md += ["", "Rows marked in the JSON with a `run` come from an earlier or parallel run of this script with the same "
+               "protocol (uniform models do not depend on the sensitivity estimate): "
+               + "; ".join(f"git {g}, {dt}" for g, dt in sorted(runs)) + "."]  # fmt: skip
     md += ["", "Allocations (number of linears per scheme):", ""]
     md += [f"- {r['label']}: " + ", ".join(f"{k} x{v}" for k, v in r["schemes"].items()) for r in rows if r["kind"] == "mixed"]
     md += ["", f"Does the estimate predict measured damage? {len(probes)} linears (every {pr['probe_every']}th) quantized "

@@ -180,10 +180,11 @@ def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
 
 
 # Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF4, and
-# outliers; each fills a different point of the size ladder (measured bits per weight on a 576-wide linear):
-# int3 pc 3.06 < g128 3.17 ~ g64-dq 3.18 < g64 3.32 < g32 3.59; int4 pc 4.07 ~ nf4 g128-dq 4.07 < nf4 g64-dq 4.13
-# < int4 g128 4.19 < nf4 g64 4.25 ~ nf4 g32-dq 4.26 < int4 g64 4.35 < nf4 g32 4.5. NF4 replaces int4 at g32 (on
-# SmolLM2 nf4-g32 beats int4-g32 at 0.16 bits less, benchmarks/results/mixed.md).
-DEFAULT_CANDIDATES = ("int2-g32", "int2-g64", "int3-pc", "int3-g128", "int3-g64-dq", "int3-g64", "int3-g32",
-                      "int4-pc", "nf4-g128-dq", "nf4-g64-dq", "int4-g128", "nf4-g64", "nf4-g32-dq", "int4-g64",
-                      "nf4-g32", "int8-g128", "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip
+# outliers; each fills a different point of the size ladder (measured bits per weight on SmolLM2):
+# int2 g64 2.30 < g32-dq 2.34 < g32 2.58; int3 pc 3.06 < g128-dq 3.11 < g64-dq 3.20 < g32-dq 3.38; nf4 g128-dq 4.07
+# < g64-dq 4.13 < g32-dq 4.26 < g32 4.5; int8 g128 8.2. Left out because on SmolLM2 another candidate is better at
+# the same or lower size, as a whole model (benchmarks/results/mixed.md) and in every allocation at 3.0-4.5 bits:
+# int3 g128 / g64 / g32 (the -dq variants), int4 pc / g128 / g64 / g32 (NF4 with double quant).
+DEFAULT_CANDIDATES = ("int2-g64", "int2-g32-dq", "int2-g32", "int3-pc", "int3-g128-dq", "int3-g64-dq", "int3-g32-dq",
+                      "nf4-g128-dq", "nf4-g64-dq", "nf4-g32-dq", "nf4-g32", "int8-g128", "int3-g128-out0.005",
+                      "int4-g128-out0.005")  # fmt: skip
