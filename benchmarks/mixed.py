@@ -184,6 +184,7 @@ def main() -> int:
                 "calibration": f"{a.nsamples} x {a.seqlen} tokens, seed 0, from the second half of the token stream",
                 "method": "GPTQ, act-order + static groups + clip search, damp 0.01", "candidates": list(DEFAULT_CANDIDATES),
                 "sensitivity_seconds": {"gradients": round(t_stats, 1), "table": round(table.seconds, 1)},
+                "fisher": "true",
                 "linears": len(table.damage), "probe_every": step, "probe_windows": a.probe_windows,
                 "dataset": {"sha256": text_sha256(text), "tokens": len(tokens)}, "model": str(src)}  # fmt: skip
     payload = {"machine": m, "protocol": protocol, "fp_perplexity": fp_ppl, "probe_scheme": PROBE, "probes": probes,
@@ -203,6 +204,8 @@ def compare(rows: list[dict], window: float = WINDOW) -> None:
         best = min(band, key=lambda u: u["perplexity"], default=None)
         r["best_uniform_in_window"] = best and {k: best[k] for k in ("label", "perplexity", "bits_per_weight")}
         r["beats"] = bool(best) and r["perplexity"] < best["perplexity"]
+        nxt = min((u for u in uni if u["bits_per_weight"] >= b), key=lambda u: u["bits_per_weight"], default=None)
+        r["next_uniform"] = nxt and {k: nxt[k] for k in ("label", "perplexity", "bits_per_weight")}
         # frontier: the best uniform perplexity reachable at <= bpw, linearly interpolated between uniform points
         pts = [(u["bits_per_weight"], u["perplexity"]) for u in uni]
         lo = [p for p in pts if p[0] <= b]
@@ -228,21 +231,27 @@ def report(payload: dict, out: str) -> None:
           f"{len(pr['candidates'])} candidate schemes x {pr['linears']} linears "
           f"{pr['sensitivity_seconds']['table']:.0f} s (GPTQ per candidate), {payload['machine']['torch_threads']} "
           "torch thread(s); other jobs shared the 2 cores, so times are indicative.", "",
-          f"Comparison: each mixed model against the best uniform scheme that costs the same or up to {WINDOW} bits per "
-          "weight more, and against the uniform frontier (the uniform perplexities linearly interpolated at the "
-          "mixed model's size).", "",
-          "| model | measured bits/w | perplexity | est. Δloss (nats) | best uniform at +0..0.25 bits | uniform frontier here |",
-          "| --- | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
+          "Estimate: " + ("G from the expected Fisher, next tokens drawn from the model" if pr.get("fisher") == "true"
+                          else "G from the empirical Fisher, the data's next tokens") + " (llmq/sensitivity.py).", "",
+          "Comparison: each mixed model against the cheapest uniform scheme that costs as much or more (the next one up "
+          f"the size ladder), against the best uniform scheme that costs the same or up to {WINDOW} bits per weight "
+          "more (the stricter test), and against the uniform frontier (the uniform perplexities linearly interpolated "
+          "at the mixed model's size).", "",
+          "| model | measured bits/w | perplexity | est. Δloss (nats) | next uniform up | best uniform at +0..0.25 bits "
+          "| uniform frontier here |", "| --- | ---: | ---: | ---: | --- | --- | ---: |"]  # fmt: skip
     for r in sorted(rows, key=lambda r: r["bits_per_weight"]):
-        cmp = front = "-"
+        cmp = front = nxt = "-"
         if r["kind"] == "mixed":
+            n = r["next_uniform"]
+            nxt = (f"**{'beaten' if r['perplexity'] < n['perplexity'] else 'NOT beaten'}**: {n['label']} "
+                   f"{n['perplexity']:.3f} at {n['bits_per_weight']:.3f}") if n else "none"  # fmt: skip
             b = r["best_uniform_in_window"]
             cmp = (f"**{'beaten' if r['beats'] else 'NOT beaten'}**: {b['label']} {b['perplexity']:.3f} at "
                    f"{b['bits_per_weight']:.3f}") if b else "none in the window"  # fmt: skip
             front = f"{r['uniform_frontier_at_bpw']:.3f}" if r.get("uniform_frontier_at_bpw") else "-"
         est = f"{r['estimated_loss_increase']:.4f}" if r.get("estimated_loss_increase") is not None else "-"
         label = f"**{r['label']}**" if r["kind"] == "mixed" else r["label"]
-        md.append(f"| {label} | {r['bits_per_weight']:.4f} | {r['perplexity']:.3f} | {est} | {cmp} | {front} |")
+        md.append(f"| {label} | {r['bits_per_weight']:.4f} | {r['perplexity']:.3f} | {est} | {nxt} | {cmp} | {front} |")
     runs = {(r["run"]["git"], r["run"]["date"][:16]) for r in rows if r.get("run")}
     if runs:
         md += ["", "Rows marked in the JSON with a `run` come from an earlier or parallel run of this script with the same "
