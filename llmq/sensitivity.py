@@ -9,16 +9,16 @@ G_r = E_t[g_{t,r}²] the mean squared gradient of the (summed) token loss with r
 the Fisher of the layer's weights under the Kronecker factorisation E[g gᵀ ⊗ x xᵀ] ≈ E[g gᵀ] ⊗ E[x xᵀ],
 keeping the diagonal of the first factor (on SmolLM2 the full factor changed the estimates by < 1% and the
 allocations' measured quality by less than noise: quantization errors of different rows are uncorrelated).
+A alone (GPTQ's objective) measures how far the layer's *output* moves; G says how much the final loss cares
+about each output — which is what separates a first-layer v_proj from a middle-layer gate_proj. Both come
+from one forward + backward pass per calibration window of the full-precision model (no weight gradients
+are formed: hooks read the inputs and the gradients of the outputs).
 
 The gradients g are taken for next tokens *sampled from the model's own prediction* (fisher="true"): the
 expected Fisher, which for softmax cross-entropy is the Gauss-Newton matrix, the curvature a second-order
 estimate needs. The "empirical" Fisher (gradients for the data's next tokens) is a worse curvature proxy
 (Kunstner et al. 2019): on SmolLM2 it overstated the measured loss increase of whole models 1.5-2x and gave
-worse allocations at every target tried (calibration loss of the mixed models, 3.0-4.5 bits). A alone (GPTQ's objective) measures how far the layer's
-*output* moves; G says how much the final loss cares about each output — which is what separates a
-first-layer v_proj from a middle-layer gate_proj. Both come from one forward + backward pass per
-calibration window of the full-precision model (no weight gradients are formed: hooks read the inputs and
-the gradients of the outputs).
+worse allocations at every target tried (calibration loss of the mixed models, 3.0-4.5 bits).
 
 Each candidate scheme's Ŵ comes from the method that will really be used (GPTQ with A, or RTN), so the
 table holds the damage and the *measured* bytes (every part: codes, scales, zeros, outliers) of exactly
@@ -80,7 +80,8 @@ class SensitivityTable:
 FISHER = ("true", "empirical")
 
 
-def layer_stats(model, calib: torch.Tensor, quiet: bool = True, fisher: str = "true", seed: int = 0) -> dict[str, LayerStats]:
+def layer_stats(model, calib: torch.Tensor, quiet: bool = True, fisher: str = "true",
+                seed: int = 0) -> dict[str, LayerStats]:  # fmt: skip
     """One forward + backward of next-token loss per calibration window [N, L] through the full-precision
     model; returns A and G for every quantizable linear (fp32, on the CPU). fisher="true": the loss of next
     tokens drawn from the model's softmax (torch.Generator seeded with `seed`, window by window);
@@ -120,8 +121,8 @@ def layer_stats(model, calib: torch.Tensor, quiet: bool = True, fisher: str = "t
             ids = row.unsqueeze(0).to(emb.weight.device)
             x = emb(ids).detach().requires_grad_(True)
             logits = model(inputs_embeds=x, use_cache=False).logits.float()[0, :-1]
-            loss = torch.nn.functional.cross_entropy(logits, next_tokens(logits, ids[0, 1:], fisher, gen), reduction="sum")
-            loss.backward()
+            labels = next_tokens(logits, ids[0, 1:], fisher, gen)
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
     finally:
         for h in handles:
             h.remove()

@@ -123,9 +123,9 @@ def test_layer_stats_match_autograd():
 
 def test_true_fisher_is_the_expected_squared_gradient():
     """fisher="true" draws next tokens from the model: averaged over many draws, G must converge to the exact
-    expectation E_y[(∂ℓ/∂o)²] = Σ_t Σ_v p_t(v) (∂ℓ_t(v)/∂o)² (the draws of different positions are independent
-    and E_y[∂ℓ_t/∂z_t] = 0, so the cross terms vanish), computed here label by label; and it must differ from the
-    empirical Fisher of the same window."""
+    expectation E_y[(∂ℓ/∂o)²] = Σ_t Σ_v p_t(v) (∂ℓ_t(v)/∂o)² (the draws of different positions are
+    independent and E_y[∂ℓ_t/∂z_t] = 0, so the cross terms vanish), computed here label by label; and it must
+    differ from the empirical Fisher of the same window."""
     torch.manual_seed(0)
     model = make_tiny("llama", vocab=48).float()
     row = torch.randint(0, 48, (6,), generator=torch.Generator().manual_seed(1))
