@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from .config import GPTQ_INPUTS
 from .errors import LlmqError
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize columns by decreasing Hessian diagonal (default on)")
     g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
                    help="with act-order: fix group scales up front, no permutation stored (default on)")
+    g.add_argument("--gptq-inputs", choices=GPTQ_INPUTS, default="quantized",
+                   help="activations each linear's Hessian comes from: 'quantized' (standard GPTQ: the outputs of "
+                        "the already-quantized layers) or 'fp' (the full-precision model's; lower perplexity on "
+                        "SmolLM2, see benchmarks/results/gptq_inputs.md) (default quantized)")
     m = q.add_argument_group("mixed precision")
     m.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                    help="choose a scheme per linear by measured sensitivity so that the average bits per weight "

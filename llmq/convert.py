@@ -97,7 +97,8 @@ def convert(a) -> dict:
     plan = QuantPlan(scheme_from_args(a))
     gptq = a.method == "gptq"
     mixed = a.target_bpw is not None
-    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups) if gptq else None
+    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups,
+                      inputs=a.gptq_inputs) if gptq else None  # fmt: skip
     ccfg = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
                        token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
     if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -137,9 +138,10 @@ def convert(a) -> dict:
         for i in bar:
             layer = lazy.layer(i)
             if i in prog.layers:  # finished before an interruption
-                if gptq:
-                    install_dequantized(layer, i, spec, _read_layer(out, prog.layers[i]["parts"],
-                                                                    prog.layers[i]["modules"], plan))  # fmt: skip
+                if gptq:  # the next layer's inputs: through the quantized layer, or the fp one (inputs="fp")
+                    if gcfg.inputs == "quantized":
+                        install_dequantized(layer, i, spec, _read_layer(out, prog.layers[i]["parts"],
+                                                                        prog.layers[i]["modules"], plan))  # fmt: skip
                     advance(layer, acts)
                 lazy.release(i)
                 continue

@@ -10,6 +10,9 @@ through the model one decoder layer at a time:
      dequantized one, so later groups see the quantized layer;
   3. re-run the layer on every window: its outputs are the next layer's inputs.
 
+With GPTQConfig(inputs="fp") the activations stay those of the full-precision model instead: one pass of
+the fp layer accumulates every linear's H and yields the next layer's inputs; then the layer is quantized.
+
 The active layer may live on a GPU (`device`) while the model stays on the CPU; activations live on
 `act_device`. Per layer it logs time and the relative output error ‖Y_q − Y‖/‖Y‖ (on up to
 `ERR_SAMPLES` windows).
@@ -209,7 +212,10 @@ def advance(layer, acts: Activations, ref_out: list | None = None) -> float | No
 
 @torch.no_grad()
 def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, acts: Activations) -> tuple[dict, LayerReport]:
-    """Quantize one decoder layer with GPTQ, group by group; then advance the activations through it."""
+    """Quantize one decoder layer with GPTQ, group by group; then advance the activations through it.
+    cfg.inputs == "fp": see gptq_layer_fp."""
+    if cfg.inputs == "fp":
+        return gptq_layer_fp(layer, i, spec, plan, cfg, acts)
     t0 = time.perf_counter()
     home = next(layer.parameters()).device
     layer.to(acts.device)
@@ -237,18 +243,62 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
         Hs = hooks.hessians()
         del hooks  # Hs is now the only reference: each H is freed as soon as its module is done
         trim_heap()  # the stopped passes' activations, held in traceback cycles
-        for rel in list(Hs):
-            name = f"{spec.layers}.{i}.{rel}"
-            mod = mods[rel]
-            qw = gptq(weight_of(mod, spec), Hs.pop(rel), plan.scheme_for(name), cfg, name)
-            Wq = qw.dequantize(mod.weight.dtype).to(mod.weight.device)
-            mod.weight.copy_(Wq.t() if spec.transposed else Wq)
-            out[name] = qw
+        _quantize_modules(layer, i, spec, plan, cfg, mods, Hs, out)
         trim_heap()
     layer.to(home)
     err = advance(layer, acts, ref_out)
     rep = LayerReport(i, time.perf_counter() - t0, err, {n: q.bits_per_weight() for n, q in out.items()})
     return out, rep
+
+
+def _quantize_modules(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, mods: dict, Hs: dict,
+                      out: dict) -> None:  # fmt: skip
+    """GPTQ each module from its H (popped, so each is freed when done); install the dequantized weight."""
+    for rel in list(Hs):
+        name = f"{spec.layers}.{i}.{rel}"
+        mod = mods[rel]
+        qw = gptq(weight_of(mod, spec), Hs.pop(rel), plan.scheme_for(name), cfg, name)
+        Wq = qw.dequantize(mod.weight.dtype).to(mod.weight.device)
+        mod.weight.copy_(Wq.t() if spec.transposed else Wq)
+        out[name] = qw
+
+
+@torch.no_grad()
+def gptq_layer_fp(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, acts: Activations) -> tuple[dict, LayerReport]:
+    """GPTQ with every linear's H from full-precision inputs: one pass of the fp layer over every window
+    accumulates all H and gives the next layer's (fp) inputs; then every linear is quantized. `acts`
+    holds the fp model's activations, so on resume a finished layer is advanced with its fp weights.
+    Unlike the sequential path, all of the layer's H are alive at once (7 for a Llama layer)."""
+    t0 = time.perf_counter()
+    home = next(layer.parameters()).device
+    layer.to(acts.device)
+    mods = {rel: layer.get_submodule(rel) for rel in spec.linears}
+    for rel, mod in mods.items():
+        check_finite(weight_of(mod, spec), f"{spec.layers}.{i}.{rel}")
+    hooks = _HessianHooks(mods)
+    hooks.stop_early = False
+    kept = []  # (input, fp output) of the first ERR_SAMPLES windows, for the error report
+    try:
+        for k, x in enumerate(acts.inps):
+            y = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
+            if k < ERR_SAMPLES:
+                kept.append((x, y))
+            acts.inps[k] = y
+    finally:
+        hooks.remove()
+    Hs = hooks.hessians()
+    del hooks
+    out: dict[str, QuantizedWeight] = {}
+    _quantize_modules(layer, i, spec, plan, cfg, mods, Hs, out)
+    trim_heap()
+    num = den = 0.0
+    for x, y in kept:
+        yq = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
+        num += (yq - y).float().square().sum().item()
+        den += y.float().square().sum().item()
+    layer.to(home)
+    err = (num / den) ** 0.5 if den else None
+    return out, LayerReport(i, time.perf_counter() - t0, err, {n: q.bits_per_weight() for n, q in out.items()})
 
 
 def log_layer(rep: LayerReport, bar, quiet: bool) -> None:

@@ -38,11 +38,13 @@ def all_tensors(d):
     return out
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptq-fp-inputs"])
 def test_kill9_then_resume_is_bit_identical(src4, sample_text, tmp_path, method):
-    args = ["--method", method, "--bits", "3", "--group-size", "32"]
-    if method == "gptq":
+    args = ["--method", method.removesuffix("-fp-inputs"), "--bits", "3", "--group-size", "32"]
+    if method != "rtn":
         args += ["--calib", str(sample_text), "--nsamples", "4", "--seqlen", "32", "--outliers", "0.01"]
+    if method == "gptq-fp-inputs":  # resuming advances the fp activations through the fp layer, not the quantized
+        args += ["--gptq-inputs", "fp"]
     a, b = tmp_path / "interrupted", tmp_path / "straight"
     r = cli(src4, a, *args, env={"LLMQ_TEST_KILL_AFTER_LAYER": "1"})
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]

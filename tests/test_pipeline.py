@@ -59,6 +59,33 @@ def test_gptq_cli_writes_per_layer_report(tiny_dir, sample_text, tmp_path):
     llmq.load_quantized(out)
 
 
+def test_fp_inputs_fit_every_linear_to_the_fp_models_activations():
+    """inputs="fp": each linear's GPTQ weight is the one its H from the fp model's activations gives (the
+    sensitivity table's A, from a whole-model pass); "quantized": from layer 1 on, H sees quantized layers."""
+    from llmq.algorithms.gptq import gptq
+    from llmq.sensitivity import layer_stats
+
+    calib = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(0))
+    scheme = QuantScheme(bits=3, group_size=32)
+    stats = layer_stats(make_tiny("llama"), calib)
+    fp = llmq.quantize(make_tiny("llama"), scheme, calib, method="gptq", gptq=GPTQConfig(inputs="fp"))
+    seq = llmq.quantize(make_tiny("llama"), scheme, calib, method="gptq", gptq=GPTQConfig())
+    ref = make_tiny("llama")
+    for name, st in stats.items():
+        W = ref.get_submodule(name).weight.detach()
+        expect = gptq(W, 2 * st.A, scheme, GPTQConfig()).dequantize()
+        got = fp[name].dequantize()
+        assert torch.allclose(got, expect, atol=1e-5), name
+    same = lambda n: torch.equal(fp[n].dequantize(), seq[n].dequantize())  # noqa: E731
+    assert same("model.layers.0.self_attn.q_proj") and same("model.layers.0.self_attn.v_proj")  # fp inputs in both
+    assert not same("model.layers.0.mlp.gate_proj") and not same("model.layers.1.self_attn.q_proj")
+
+
+def test_unknown_gptq_inputs_is_refused():
+    with pytest.raises(LlmqError, match="inputs='fpx' is not known; use one of quantized, fp"):
+        GPTQConfig(inputs="fpx")
+
+
 # ---- calibration --------------------------------------------------------------------------------
 def test_windows_are_seeded_and_in_range():
     tokens = torch.arange(10_000)
