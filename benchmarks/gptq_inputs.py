@@ -20,13 +20,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_model, machine, machine_line, write_results  # noqa: E402
+from common import machine, machine_line, real_setup, write_results  # noqa: E402
 
-from llmq import sources  # noqa: E402
-from llmq.calibration import draw_windows, tokenize_text  # noqa: E402
-from llmq.config import GPTQ_INPUTS, CalibConfig, GPTQConfig, QuantPlan, scheme_from_name  # noqa: E402
-from llmq.data import load_text  # noqa: E402
-from llmq.eval.perplexity import perplexity, text_sha256  # noqa: E402
+from llmq.config import GPTQ_INPUTS, GPTQConfig, QuantPlan, scheme_from_name  # noqa: E402
+from llmq.eval.perplexity import perplexity  # noqa: E402
 from llmq.modeling import fake_quantize  # noqa: E402
 from llmq.pipeline import quantize  # noqa: E402
 
@@ -43,14 +40,8 @@ def main() -> int:
     ap.add_argument("--out", default="gptq_inputs")
     a = ap.parse_args()
     m = machine()
-    src = sources.resolve(a.model or default_model())
-    fp_model, _ = sources.load_model(src)
-    tok, _ = sources.load_tokenizer(src)
-    text, where = load_text(None, "test")
-    tokens = tokenize_text(tok, text)
-    calib = draw_windows(tokens, CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, split="test", token_range=(0.5, 1.0)))
-    eval_tokens = tokens[: a.eval_windows * 2048]
-    assert len(eval_tokens) <= len(tokens) // 2
+    r = real_setup(a.model, a.nsamples, a.seqlen, a.eval_windows)
+    src, fp_model, calib, eval_tokens = r.src, r.fp_model, r.calib, r.eval_tokens
     fp_ppl = perplexity(fp_model, eval_tokens, 2048)["perplexity"]
     print(f"fp {fp_ppl:.3f}", flush=True)
     rows = []
@@ -70,10 +61,7 @@ def main() -> int:
             print(f"{name} inputs={inputs}: ppl {row[inputs]['perplexity']:.3f} ({secs:.0f}s)", flush=True)
             del model, qw
         rows.append(row)
-    protocol = {"eval": f"WikiText-2 test ({where}, sha256 {text_sha256(text)[:16]}), first {a.eval_windows} windows "
-                        f"of 2048 = {len(eval_tokens):,} tokens, no BOS",
-                "calibration": f"{a.nsamples} x {a.seqlen} tokens, seed 0, from the second half of the token stream",
-                "method": "GPTQ, act-order + static groups + clip search, damp 0.01", "model": str(src)}  # fmt: skip
+    protocol = {**r.protocol, "method": "GPTQ, act-order + static groups + clip search, damp 0.01", "model": str(src)}
     payload = {"machine": m, "protocol": protocol, "fp_perplexity": fp_ppl, "rows": rows}
     lines = [f"# GPTQ Hessians from quantized vs full-precision inputs: {Path(str(src)).name}", "", machine_line(m), "",
              f"Eval: {protocol['eval']}. Calibration: {protocol['calibration']}. Every model: {protocol['method']}; "

@@ -30,14 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, default_model, machine, machine_line, write_results  # noqa: E402
+from common import RESULTS, machine, machine_line, real_setup, write_results  # noqa: E402
 
-from llmq import sources  # noqa: E402
 from llmq.allocate import allocate, plan_for  # noqa: E402
 from llmq.archs import arch_for, weight_of  # noqa: E402
-from llmq.calibration import draw_windows, tokenize_text  # noqa: E402
-from llmq.config import DEFAULT_CANDIDATES, CalibConfig, GPTQConfig, QuantPlan, scheme_from_name  # noqa: E402
-from llmq.data import load_text  # noqa: E402
+from llmq.config import DEFAULT_CANDIDATES, GPTQConfig, QuantPlan, scheme_from_name  # noqa: E402
 from llmq.eval.perplexity import perplexity, text_sha256  # noqa: E402
 from llmq.modeling import fake_quantize  # noqa: E402
 from llmq.pipeline import quantize  # noqa: E402
@@ -87,14 +84,8 @@ def main() -> int:
         report(payload, a.out)
         return 0
 
-    src = sources.resolve(a.model or default_model())
-    fp_model, _ = sources.load_model(src)
-    tok, _ = sources.load_tokenizer(src)
-    text, where = load_text(None, "test")
-    tokens = tokenize_text(tok, text)
-    calib = draw_windows(tokens, CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, split="test", token_range=(0.5, 1.0)))
-    eval_tokens = tokens[: a.eval_windows * 2048]
-    assert len(eval_tokens) <= len(tokens) // 2
+    r = real_setup(a.model, a.nsamples, a.seqlen, a.eval_windows)
+    src, fp_model, text, tokens, calib, eval_tokens = r.src, r.fp_model, r.text, r.tokens, r.calib, r.eval_tokens
     gcfg = GPTQConfig()
     spec = arch_for(fp_model.config)
 
@@ -181,10 +172,7 @@ def main() -> int:
             est = sum(table.damage[n][name] for n in table.damage) if name in cands else None
             rows.append(run(name, QuantPlan(s), "uniform", {"estimated_loss_increase": est}))
 
-    protocol = {"eval": f"WikiText-2 test ({where}, sha256 {text_sha256(text)[:16]}), first {a.eval_windows} windows "
-                        f"of 2048 = {len(eval_tokens):,} tokens, no BOS",
-                "calibration": f"{a.nsamples} x {a.seqlen} tokens, seed 0, from the second half of the token stream",
-                "method": "GPTQ, act-order + static groups + clip search, damp 0.01", "candidates": list(DEFAULT_CANDIDATES),
+    protocol = {**r.protocol, "method": "GPTQ, act-order + static groups + clip search, damp 0.01", "candidates": list(DEFAULT_CANDIDATES),
                 "sensitivity_seconds": {"gradients": round(t_stats, 1), "table": round(table.seconds, 1)},
                 "fisher": fisher,
                 "linears": len(table.damage), "probe_every": step, "probe_windows": a.probe_windows,
