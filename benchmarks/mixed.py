@@ -172,7 +172,8 @@ def main() -> int:
             est = sum(table.damage[n][name] for n in table.damage) if name in cands else None
             rows.append(run(name, QuantPlan(s), "uniform", {"estimated_loss_increase": est}))
 
-    protocol = {**r.protocol, "method": "GPTQ, act-order + static groups + clip search, damp 0.01", "candidates": list(DEFAULT_CANDIDATES),
+    protocol = {**r.protocol, "method": "GPTQ, act-order + static groups + clip search, damp 0.01",
+                "candidates": list(DEFAULT_CANDIDATES),
                 "sensitivity_seconds": {"gradients": round(t_stats, 1), "table": round(table.seconds, 1)},
                 "fisher": fisher,
                 "linears": len(table.damage), "probe_every": step, "probe_windows": a.probe_windows,

@@ -19,6 +19,7 @@ The active layer may live on a GPU (`device`) while the model stays on the CPU; 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -243,7 +244,7 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
         Hs = hooks.hessians()
         del hooks  # Hs is now the only reference: each H is freed as soon as its module is done
         trim_heap()  # the stopped passes' activations, held in traceback cycles
-        _quantize_modules(layer, i, spec, plan, cfg, mods, Hs, out)
+        out |= _quantize_modules(i, spec, plan, cfg, mods, Hs)
         trim_heap()
     layer.to(home)
     err = advance(layer, acts, ref_out)
@@ -251,9 +252,10 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
     return out, rep
 
 
-def _quantize_modules(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, mods: dict, Hs: dict,
-                      out: dict) -> None:  # fmt: skip
+def _quantize_modules(i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, mods: dict,
+                      Hs: dict) -> dict[str, QuantizedWeight]:  # fmt: skip
     """GPTQ each module from its H (popped, so each is freed when done); install the dequantized weight."""
+    out = {}
     for rel in list(Hs):
         name = f"{spec.layers}.{i}.{rel}"
         mod = mods[rel]
@@ -261,10 +263,12 @@ def _quantize_modules(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQC
         Wq = qw.dequantize(mod.weight.dtype).to(mod.weight.device)
         mod.weight.copy_(Wq.t() if spec.transposed else Wq)
         out[name] = qw
+    return out
 
 
 @torch.no_grad()
-def gptq_layer_fp(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, acts: Activations) -> tuple[dict, LayerReport]:
+def gptq_layer_fp(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig,
+                  acts: Activations) -> tuple[dict, LayerReport]:
     """GPTQ with every linear's H from full-precision inputs: one pass of the fp layer over every window
     accumulates all H and gives the next layer's (fp) inputs; then every linear is quantized. `acts`
     holds the fp model's activations, so on resume a finished layer is advanced with its fp weights.
@@ -277,27 +281,19 @@ def gptq_layer_fp(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfi
         check_finite(weight_of(mod, spec), f"{spec.layers}.{i}.{rel}")
     hooks = _HessianHooks(mods)
     hooks.stop_early = False
-    kept = []  # (input, fp output) of the first ERR_SAMPLES windows, for the error report
+    # the first ERR_SAMPLES windows' inputs, for the error report (their fp outputs replace them in acts)
+    sample = dataclasses.replace(acts, inps=acts.inps[:ERR_SAMPLES])
     try:
         for k, x in enumerate(acts.inps):
-            y = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
-            if k < ERR_SAMPLES:
-                kept.append((x, y))
-            acts.inps[k] = y
+            acts.inps[k] = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
     finally:
         hooks.remove()
     Hs = hooks.hessians()
     del hooks
-    out: dict[str, QuantizedWeight] = {}
-    _quantize_modules(layer, i, spec, plan, cfg, mods, Hs, out)
+    out = _quantize_modules(i, spec, plan, cfg, mods, Hs)
     trim_heap()
-    num = den = 0.0
-    for x, y in kept:
-        yq = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
-        num += (yq - y).float().square().sum().item()
-        den += y.float().square().sum().item()
+    err = advance(layer, sample, ref_out=acts.inps[:ERR_SAMPLES])  # sample.inps become the quantized outputs
     layer.to(home)
-    err = (num / den) ** 0.5 if den else None
     return out, LayerReport(i, time.perf_counter() - t0, err, {n: q.bits_per_weight() for n, q in out.items()})
 
 

@@ -61,7 +61,7 @@ def test_gptq_cli_writes_per_layer_report(tiny_dir, sample_text, tmp_path):
 
 def test_fp_inputs_fit_every_linear_to_the_fp_models_activations():
     """inputs="fp": each linear's GPTQ weight is the one its H from the fp model's activations gives (the
-    sensitivity table's A, from a whole-model pass); "quantized": from layer 1 on, H sees quantized layers."""
+    sensitivity table's A, from a whole-model pass); "quantized": past layer 0's q/k/v, H sees quantized linears."""
     from llmq.algorithms.gptq import gptq
     from llmq.sensitivity import layer_stats
 
