@@ -41,9 +41,9 @@ from llmq.pipeline import quantize  # noqa: E402
 from llmq.sensitivity import layer_stats, quantize_candidate, sensitivity_table  # noqa: E402
 
 # every uniform scheme within WINDOW above a target (3.0 / 3.5 / 4.0 / 4.5), plus a few for the frontier
-UNIFORM = ("int3-pc", "int3-g128-dq", "int3-g128", "int3-g64-dq", "int3-g64", "int3-g32-dq", "int3-g32", "int4-pc",
-           "nf4-g128-dq", "nf4-g64-dq", "nf4-g128", "int4-g128", "nf4-g64", "nf4-g32-dq", "int4-g64", "nf4-g32",
-           "int4-g32")  # fmt: skip
+UNIFORM = ("nf3-g256-dq", "int3-pc", "nf3-g128-dq", "int3-g128-dq", "nf3-g64-dq", "int3-g128", "int3-g64-dq",
+           "nf3-g32-dq", "int3-g64", "int3-g32-dq", "nf3-g32", "int3-g32", "int4-pc", "nf4-g128-dq", "nf4-g64-dq",
+           "nf4-g128", "int4-g128", "nf4-g64", "nf4-g32-dq", "int4-g64", "nf4-g32", "int4-g32")  # fmt: skip
 PROBE = "int2-g64"
 WINDOW = 0.25  # compare with uniform schemes costing the same or up to this many bits per weight more
 

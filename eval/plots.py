@@ -41,7 +41,7 @@ def plot_layer(d: Path, name: str, out: Path, source: str | None = None) -> Path
 
     from llmq.checkpoint import CheckpointReader, read_config
     from llmq.formats import grouping
-    from llmq.formats.nf4 import NF4_CODEBOOK
+    from llmq.formats import nf
     from llmq.modeling import plan_from_config
     from llmq.qtensor import QuantizedWeight
 
@@ -66,8 +66,8 @@ def plot_layer(d: Path, name: str, out: Path, source: str | None = None) -> Path
     Wh = qw.dequantize_stored()
     s = grouping.expand(qw.scales(), shape, scheme.group_size)
     z = qw.zeros()
-    if scheme.format == "nf4":
-        u, grid, unit = W / s, NF4_CODEBOOK.tolist(), "w / absmax (NF4 codebook)"
+    if scheme.format != "int":
+        u, grid, unit = W / s, nf.codebook(scheme).tolist(), f"w / absmax ({scheme.format.upper()} codebook)"
     else:
         zz = grouping.expand(z, shape, scheme.group_size) if z is not None else 2 ** (scheme.bits - 1)
         u, grid, unit = W / s + zz, list(range(scheme.maxq + 1)), "w / scale + zero (integer codes)"

@@ -1,7 +1,7 @@
 """Triton dequant-GEMM kernels (installed as `llmq.kernels`), one per file, each with a torch reference.
 
     layout.py   the kernels' weight layout (repacked once at load) and the torch reference matmul
-    dequant.py  the shared in-register dequantization of a W tile (int 2/3/4/8, NF4, double-quant scales)
+    dequant.py  the shared in-register dequantization of a W tile (int 2/3/4/8, NF4/NF3, double-quant scales)
     skinny.py   split-K kernel for M <= 16 (decode)
     gemm.py     tiled kernel for larger M
 

@@ -5,19 +5,19 @@ right for files but wrong for a GEMM that walks K in blocks for a tile of N outp
 must read neighbouring bytes. So `repack` transposes once at load (docs/FORMAT.md, "In memory"):
 
     qw        int32 [ceil(K/P), N]  P codes per word along K, code k of column n in bits [(k%P)·B, +B) of
-                                    word (k//P, n); B = 4, P = 8 for 2/3/4-bit and NF4 codes (2- and 3-bit
+                                    word (k//P, n); B = 4, P = 8 for 2/3/4-bit and NF codes (2- and 3-bit
                                     codes are widened to 4 bits), B = 8, P = 4 for 8-bit codes
     scales    fp16|bf16|fp32 [G, N] per-group scales, transposed              (plain scales)
     scales_q  uint8 [G, N]          double-quantized scale codes, transposed  (double_quant; decoded in
     dq_step   fp32 [G, ceil(N/256)] their step and offset per block of 256     the kernel: off + step·q)
     dq_off    fp32 [G, ceil(N/256)]
     zeros     uint8 [G, N]          integer zero points, unpacked              (int asym only)
-    codebook  fp32 [16]             NF4 code values                            (nf4 only)
+    codebook  fp32 [16] or [8]      NF4 / NF3 code values                      (nf4 / nf3 only)
 
 and integers: K, N, G, group length L (group g covers k in [g·L, (g+1)·L); per channel and per tensor
-have L = K), B, the symmetric zero point 2**(bits-1), and whether the format is NF4. A per-tensor scale
-is broadcast to [1, N]. Outliers and the act-order permutation stay with QuantLinear (sparse correction,
-gather of x). Dequantized weight: w[k, n] = s[g, n]·(q[k, n] − z[g, n]) (int) or s[g, n]·codebook[q] (NF4).
+have L = K), B, the symmetric zero point 2**(bits-1), and whether the format is a NormalFloat codebook. A
+per-tensor scale is broadcast to [1, N]. Outliers and the act-order permutation stay with QuantLinear (sparse correction,
+gather of x). Dequantized weight: w[k, n] = s[g, n]·(q[k, n] − z[g, n]) (int) or s[g, n]·codebook[q] (NF4, NF3).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 
 from llmq.config import PER_TENSOR
 from llmq.formats import doublequant, grouping, packing
-from llmq.formats.nf4 import NF4_CODEBOOK
+from llmq.formats import nf
 from llmq.qtensor import QuantizedWeight
 
 DQ_BLOCK = 256
@@ -42,8 +42,8 @@ class TritonWeight:
     N: int
     group_len: int
     bits: int  # storage width per code: 4 or 8
-    zero_sym: int  # z for symmetric int grids (unused when `zeros` or NF4)
-    nf4: bool
+    zero_sym: int  # z for symmetric int grids (unused when `zeros` or NF)
+    nf: bool  # NormalFloat codebook lookup (nf4, nf3)
     scales: torch.Tensor | None = None
     scales_q: torch.Tensor | None = None
     dq_step: torch.Tensor | None = None
@@ -92,7 +92,7 @@ def repack(qw: QuantizedWeight) -> TritonWeight:
     bits = 8 if s.bits == 8 else 4
     G = grouping.n_groups(K, s.group_size)
     out = TritonWeight(pack_words(codes.t().contiguous(), bits), K, N, grouping.group_len(K, s.group_size), bits,
-                       1 << (s.bits - 1), s.format == "nf4")  # fmt: skip
+                       1 << (s.bits - 1), s.format != "int")  # fmt: skip
     per_tensor = s.group_size == PER_TENSOR
     if s.double_quant and not per_tensor:
         out.scales_q = p["scales_q"].t().contiguous()  # [G, N]
@@ -104,8 +104,8 @@ def repack(qw: QuantizedWeight) -> TritonWeight:
         Rs, Gz = grouping.param_shape((N, K), s.group_size)
         z = packing.unpack(p["qzeros"], s.bits, Gz).t()  # [G, Rs]
         out.zeros = z.expand(G, N).contiguous() if per_tensor else z.contiguous()
-    if out.nf4:
-        out.codebook = NF4_CODEBOOK.to(dev)
+    if out.nf:
+        out.codebook = nf.codebook(s).to(dev)
     return out
 
 
@@ -122,7 +122,7 @@ def dequantize(tw: TritonWeight) -> torch.Tensor:
     q = unpack_words(tw.qw, tw.bits, tw.K)  # [K, N]
     g = torch.arange(tw.K, device=q.device) // tw.group_len  # [K]
     s = group_scales(tw)[g]  # [K, N]
-    if tw.nf4:
+    if tw.nf:
         return tw.codebook[q.long()] * s
     z = tw.zeros[g].float() if tw.zeros is not None else float(tw.zero_sym)
     return s * (q.float() - z)

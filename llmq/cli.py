@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import GPTQ_INPUTS
+from .config import FORMATS, GPTQ_INPUTS
 from .errors import LlmqError
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
@@ -57,8 +57,10 @@ def human_bytes(n: float) -> str:
 # ---- quantize -----------------------------------------------------------------------------------
 def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheme")
-    g.add_argument("--bits", type=int, default=4, help="code width: 2, 3, 4 or 8 (default 4)")
-    g.add_argument("--format", choices=("int", "nf4"), default="int", help="uniform integer grid or NF4 codebook")
+    g.add_argument("--bits", type=int, default=None,
+                   help="code width: 2, 3, 4 or 8 (default 4; nf4 / nf3 imply 4 / 3)")
+    g.add_argument("--format", choices=FORMATS, default="int",
+                   help="int: uniform integer grid; nf4 / nf3: NormalFloat codebook (16 / 8 values, absmax scales)")
     g.add_argument("--group-size", type=int, default=128,
                    help="columns per scale: 32/64/128/256 (any >= 16), -1 per output channel, 0 per tensor")
     g.add_argument("--sym", action="store_true", help="symmetric integer grid (no zero points stored)")
@@ -70,9 +72,10 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
 
 
 def scheme_from_args(a):
-    from .config import QuantScheme
+    from .config import NF_BITS, QuantScheme
 
-    return QuantScheme(bits=a.bits, format=a.format, group_size=a.group_size, sym=a.sym,
+    bits = a.bits if a.bits is not None else NF_BITS.get(a.format, 4)
+    return QuantScheme(bits=bits, format=a.format, group_size=a.group_size, sym=a.sym,
                        double_quant=a.double_quant, scale_dtype=a.scale_dtype, clip_search=a.clip_search,
                        outliers=a.outliers)  # fmt: skip
 
@@ -174,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and --bits/--group-size/--format are then replaced by --candidates")
     m.add_argument("--candidates", type=parse_candidates, default=None, metavar="LIST",
                    help="comma-separated schemes to choose from, e.g. int3-g128,int4-g128,int8-g128,"
-                        "int4-g128-out0.005 (default: 2/3/4/8 bits x g32..per channel, +-0.5%% outliers); "
+                        "int4-g128-out0.005 (default: config.DEFAULT_CANDIDATES, 15 schemes: int2, NF3, int3, NF4 "
+                        "and int8 at group sizes 32..256, +-0.5%% outliers); "
                         "--sym, --clip-search and --scale-dtype apply to each")
     d = q.add_argument_group("devices")
     d.add_argument("--device", default=None, help="run the active layer on this device, e.g. cuda:0 (default cpu)")

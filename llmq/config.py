@@ -12,7 +12,8 @@ from typing import Any
 
 from .errors import LlmqError
 
-FORMATS = ("int", "nf4")
+FORMATS = ("int", "nf4", "nf3")
+NF_BITS = {"nf4": 4, "nf3": 3}  # NormalFloat codebooks (formats/nf.py) and their code widths
 INT_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 PER_CHANNEL = -1  # group_size for one scale per output row
@@ -29,12 +30,13 @@ def _check(cond: bool, msg: str) -> None:
 class QuantScheme:
     """How one linear layer's weight is quantized.
 
-    bits:         code width; 2, 3, 4 or 8 for `int`, 4 for `nf4`.
-    format:       "int" (uniform grid) or "nf4" (QLoRA normal-float codebook, absmax-scaled).
+    bits:         code width; 2, 3, 4 or 8 for `int`, 4 for `nf4`, 3 for `nf3`.
+    format:       "int" (uniform grid), "nf4" (QLoRA's 16-value NormalFloat codebook, absmax-scaled) or "nf3"
+                  (its 8-value counterpart, formats/nf.py).
     group_size:   columns sharing one scale: >= 16 (need not divide in_features: the last group is
                   shorter), -1 = per output channel, 0 = per tensor.
     sym:          int only: symmetric grid (zero point fixed at 2**(bits-1), not stored) or asymmetric
-                  (an integer zero point per group, stored packed at `bits`). nf4 is always symmetric.
+                  (an integer zero point per group, stored packed at `bits`). nf4/nf3 are always symmetric.
     double_quant: per-group scales re-quantized to uint8 in blocks of 256 (one fp32 scale and offset per
                   block), as QLoRA does.
     scale_dtype:  storage dtype of plain (not double-quantized) scales.
@@ -53,8 +55,10 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         _check(self.format in FORMATS, f"format={self.format!r} is not supported; use one of {FORMATS}")
-        if self.format == "nf4":
-            _check(self.bits == 4, f"format='nf4' is a 4-bit codebook; got bits={self.bits}, use bits=4")
+        if self.format in NF_BITS:
+            nb = NF_BITS[self.format]
+            _check(self.bits == nb, f"format={self.format!r} is a {nb}-bit codebook; got bits={self.bits}, "
+                   f"use bits={nb}")
             object.__setattr__(self, "sym", True)
         _check(self.bits in INT_BITS, f"bits={self.bits} is not supported; use one of {INT_BITS}")
         gs = self.group_size
@@ -76,7 +80,7 @@ class QuantScheme:
     def describe(self) -> str:
         """A short human name, e.g. 'int4-asym-g128', 'nf4-g64-dq'."""
         g = {PER_CHANNEL: "pc", PER_TENSOR: "pt"}.get(self.group_size, f"g{self.group_size}")
-        name = "nf4" if self.format == "nf4" else f"int{self.bits}-{'sym' if self.sym else 'asym'}"
+        name = self.format if self.format in NF_BITS else f"int{self.bits}-{'sym' if self.sym else 'asym'}"
         extra = "".join(
             s for s, on in (("-dq", self.double_quant), ("-clip", self.clip_search)) if on
         ) + (f"-out{self.outliers:g}" if self.outliers else "")
@@ -167,13 +171,15 @@ class QuantPlan:
 
 def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     """Parse a scheme name as `QuantScheme.describe()` writes it, e.g. 'int4-g128', 'int3-asym-g64-dq',
-    'nf4-g64', 'int8-pc', 'int4-sym-g128-clip-out0.005'. `defaults` fill the fields the name leaves out."""
+    'nf4-g64', 'nf3-g64-dq', 'int8-pc', 'int4-sym-g128-clip-out0.005'. `defaults` fill the fields the name
+    leaves out."""
     parts = name.strip().lower().split("-")
-    m = re.fullmatch(r"(int([2348])|nf4)", parts[0])
+    m = re.fullmatch(r"(int([2348])|nf[34])", parts[0])
     _check(m is not None and len(parts) >= 2, f"scheme name {name!r} not understood; write e.g. int4-g128, "
-           "int3-g64-dq, nf4-g64, int8-pc, int4-g128-out0.005")  # fmt: skip
+           "int3-g64-dq, nf4-g64, nf3-g64-dq, int8-pc, int4-g128-out0.005")  # fmt: skip
     kw: dict[str, Any] = dict(defaults)
-    kw |= {"format": "nf4", "bits": 4} if parts[0] == "nf4" else {"format": "int", "bits": int(m.group(2))}
+    fmt = parts[0] if parts[0] in NF_BITS else "int"
+    kw |= {"format": fmt, "bits": NF_BITS.get(fmt) or int(m.group(2))}
     for p in parts[1:]:
         if p in ("sym", "asym"):
             kw["sym"] = p == "sym"
@@ -191,12 +197,13 @@ def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     return QuantScheme(**kw)
 
 
-# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF4, and
+# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF3/NF4, and
 # outliers; each fills a different point of the size ladder (measured bits per weight on SmolLM2):
-# int2 g64 2.30 < g32-dq 2.34 < g32 2.58; int3 pc 3.06 < g128-dq 3.11 < g64-dq 3.20 < g32-dq 3.38; nf4 g128-dq 4.07
-# < g64-dq 4.13 < g32-dq 4.26 < g32 4.5; int8 g128 8.2. Left out because on SmolLM2 another candidate is better at
-# the same or lower size, as a whole model (benchmarks/results/mixed.md) and in every allocation at 3.0-4.5 bits:
-# int3 g128 / g64 / g32 (the -dq variants), int4 pc / g128 / g64 / g32 (NF4 with double quant).
-DEFAULT_CANDIDATES = ("int2-g64", "int2-g32-dq", "int2-g32", "int3-pc", "int3-g128-dq", "int3-g64-dq", "int3-g32-dq",
-                      "nf4-g128-dq", "nf4-g64-dq", "nf4-g32-dq", "nf4-g32", "int8-g128", "int3-g128-out0.005",
-                      "int4-g128-out0.005")  # fmt: skip
+# int2 g64 2.30 < g32-dq 2.34 < g32 2.58; nf3 g256-dq 3.04 < g128-dq 3.07 < g64-dq 3.13 < g32-dq 3.26; int3 g32-dq
+# 3.38; nf4 g128-dq 4.07 < g64-dq 4.13 < g32-dq 4.26 < g32 4.5; int8 g128 8.2. Left out because on SmolLM2 another
+# candidate has less estimated damage at the same or lower size (benchmarks/results/mixed.md): int3 pc / g128-dq /
+# g64-dq (NF3 g256-dq / g128-dq / g64-dq), int3 g128 / g64 / g32 (the -dq variants), int4 pc / g128 / g64 / g32
+# (NF4 with double quant).
+DEFAULT_CANDIDATES = ("int2-g64", "int2-g32-dq", "int2-g32", "nf3-g256-dq", "nf3-g128-dq", "nf3-g64-dq", "nf3-g32-dq",
+                      "int3-g32-dq", "nf4-g128-dq", "nf4-g64-dq", "nf4-g32-dq", "nf4-g32", "int8-g128",
+                      "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip

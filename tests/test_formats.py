@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from llmq.algorithms.rtn import rtn
-from llmq.config import QuantScheme
+from llmq.config import QuantScheme, scheme_from_name
 from llmq.errors import LlmqError
 from llmq.formats import grouping
-from llmq.formats.nf4 import NF4_CODEBOOK
+from llmq.formats.nf import NF3_CODEBOOK, NF4_CODEBOOK
 
 
 def randn(*shape, seed=0):
@@ -34,14 +34,50 @@ def test_double_quant_keeps_half_step(double_quant):
     assert torch.all((qw.dequantize() - W).abs() <= step / 2 * (1 + 1e-4))
 
 
+@pytest.mark.parametrize("fmt,bits,book", [("nf4", 4, NF4_CODEBOOK), ("nf3", 3, NF3_CODEBOOK)])
 @pytest.mark.parametrize("group_size", [64, 128, 100])
-def test_nf4_picks_the_nearest_code(group_size):
+def test_nf_picks_the_nearest_code(fmt, bits, book, group_size):
     W = randn(16, 300, seed=1)
-    qw = rtn(W, QuantScheme(format="nf4", group_size=group_size, scale_dtype="float32"))
+    qw = rtn(W, QuantScheme(bits=bits, format=fmt, group_size=group_size, scale_dtype="float32"))
     s = grouping.expand(qw.scales(), tuple(W.shape), group_size)
     err = (qw.dequantize() - W).abs()
-    best = (W.unsqueeze(-1) - NF4_CODEBOOK * s.unsqueeze(-1)).abs().amin(-1)  # nearest codebook point
+    best = (W.unsqueeze(-1) - book * s.unsqueeze(-1)).abs().amin(-1)  # nearest codebook point
     assert torch.allclose(err, best, atol=1e-6)
+    assert qw.codes().max() < len(book) and "qzeros" not in qw.parts
+
+
+def normal_float(bits: int, offset: float = 0.9677083) -> torch.Tensor:
+    """QLoRA's construction (bitsandbytes create_normal_map) for any width."""
+    n = 2 ** (bits - 1)
+    q = torch.distributions.Normal(0.0, 1.0).icdf
+    pos = q(torch.linspace(offset, 0.5, n + 1, dtype=torch.float64)[:-1])
+    neg = -q(torch.linspace(offset, 0.5, n, dtype=torch.float64)[:-1])
+    v = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)]).sort().values
+    return (v / v.abs().max()).float()
+
+
+def test_nf_codebooks_follow_qlora_construction():
+    assert torch.allclose(normal_float(4), NF4_CODEBOOK, atol=1e-6)  # bitsandbytes' table
+    assert torch.allclose(normal_float(3), NF3_CODEBOOK, atol=1e-6)
+    assert len(NF3_CODEBOOK) == 8 and NF3_CODEBOOK[3] == 0  # exact zero, 3 negative, 4 positive values
+
+
+def test_nf3_stores_3_bit_codes_and_no_zero_points():
+    """nf3-g64-dq: 3 bits of codes + 8/64 of scale codes + the double-quant blocks, less than int3-g64-dq
+    (which adds a 3-bit zero point per group); the error on normal weights is about the same."""
+    W = randn(512, 1024, seed=5)
+    nf3, int3 = rtn(W, scheme_from_name("nf3-g64-dq")), rtn(W, scheme_from_name("int3-g64-dq"))
+    bpw = {k: 8 * q.nbytes() / W.numel() for k, q in {"nf3": nf3, "int3": int3}.items()}
+    assert bpw["nf3"] == pytest.approx(3 + 8 / 64 + 64 / (64 * 256), abs=1e-9), bpw
+    assert bpw["int3"] - bpw["nf3"] == pytest.approx(3 / 64, abs=1e-9), bpw
+    e = {k: float((q.dequantize() - W).square().mean()) for k, q in {"nf3": nf3, "int3": int3}.items()}
+    assert e["nf3"] < 1.1 * e["int3"], e
+
+
+@pytest.mark.parametrize("bad", [dict(format="nf3", bits=4), dict(format="nf4", bits=3), dict(format="nf5", bits=4)])
+def test_nf_width_is_checked(bad):
+    with pytest.raises(LlmqError, match="format="):
+        QuantScheme(**bad)
 
 
 @pytest.mark.parametrize("block", [32, 64, 128])

@@ -38,7 +38,8 @@ def logits(model, seed=0):
 
 @pytest.mark.parametrize("args", [["--bits", "4"], ["--format", "nf4", "--group-size", "64", "--double-quant"],
                                   ["--bits", "3", "--outliers", "0.01"], ["--bits", "8", "--group-size", "-1"],
-                                  ["--bits", "8", "--group-size", "-1", "--outliers", "0.02"]])  # fmt: skip
+                                  ["--bits", "8", "--group-size", "-1", "--outliers", "0.02"],
+                                  ["--format", "nf3", "--group-size", "32"]])  # fmt: skip
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_from_pretrained_equals_load_quantized(qdir, args, arch):
     d = qdir(*args, arch=arch)

@@ -32,6 +32,8 @@ FORMATS = {
     "int8-sym-g64": S(bits=8, group_size=64, sym=True), "nf4-g64": S(format="nf4", group_size=64),
     "nf4-g32-dq": S(format="nf4", group_size=32, double_quant=True), "int3-asym-g64": S(bits=3, group_size=64),
     "int2-asym-g32": S(bits=2, group_size=32), "int4-g128-bf16-scales": S(bits=4, group_size=128, scale_dtype="bfloat16"),
+    "nf3-g64-dq": S(bits=3, format="nf3", group_size=64, double_quant=True),
+    "nf3-g48": S(bits=3, format="nf3", group_size=48),
 }  # fmt: skip
 # relative error of the kernel vs the fp32 reference on the same dequantized weight, by activation dtype
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

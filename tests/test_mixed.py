@@ -74,10 +74,13 @@ def test_budget_below_smallest_scheme_is_a_clear_error():
 
 
 def test_scheme_names_round_trip():
-    for n in DEFAULT_CANDIDATES + ("nf4-g64-dq", "int4-sym-pc-clip", "int8-pt"):
+    for n in DEFAULT_CANDIDATES + ("nf4-g64-dq", "nf3-g32", "int4-sym-pc-clip", "int8-pt"):
         s = scheme_from_name(n)
         assert scheme_from_name(s.describe()) == s
     assert scheme_from_name("int3-g64-dq") == QuantScheme(bits=3, group_size=64, double_quant=True)
+    assert scheme_from_name("nf3-g128-dq") == QuantScheme(bits=3, format="nf3", group_size=128, double_quant=True)
+    with pytest.raises(LlmqError, match="not understood"):
+        scheme_from_name("nf2-g64")
     with pytest.raises(LlmqError, match="not understood"):
         scheme_from_name("int5-g64")
     with pytest.raises(LlmqError, match="'q9'"):

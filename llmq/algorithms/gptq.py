@@ -3,7 +3,7 @@
 Columns are quantized one at a time; the error of column j, scaled by the Cholesky factor of H⁻¹, is fed
 into the columns not yet quantized (OBS update, paper eq. 2-3), lazily in blocks (§ "Lazy batch updates"),
 with H⁻¹ through its Cholesky factor U (H⁻¹ = UᵀU, § "Cholesky reformulation"). Any grid works: the update
-only needs q(w), so NF4's non-uniform codebook gets the same error feedback as the integer grids.
+only needs q(w), so the NormalFloat codebooks (NF4, NF3) get the same error feedback as the integer grids.
 
 Groups: with act_order the columns are visited by decreasing diag(H). `static_groups` fixes every group's
 scale from the unquantized weight first, so the stored layout keeps the original column order; without it,
@@ -109,7 +109,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     dynamic = gs not in (PER_CHANNEL, PER_TENSOR) and not (cfg.act_order and cfg.static_groups)
     keep = None if exact is None else ~exact
     scale = torch.zeros(Rs, G)
-    zero = None if scheme.format == "nf4" or scheme.sym else torch.zeros(Rs, G)
+    zero = None if scheme.format != "int" or scheme.sym else torch.zeros(Rs, G)
     if not dynamic:  # all group parameters up front, from the unquantized weight, original column order
         s, z = group_params(W, scheme, keep, diagH)
         scale.copy_(s)

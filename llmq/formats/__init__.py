@@ -1,9 +1,9 @@
 """Number formats. `grid(scheme)` returns the module implementing find_params / encode / decode."""
 from types import ModuleType
 
-from ..config import QuantScheme
-from . import integer, nf4
+from ..config import NF_BITS, QuantScheme
+from . import integer, nf
 
 
 def grid(scheme: QuantScheme) -> ModuleType:
-    return nf4 if scheme.format == "nf4" else integer
+    return nf if scheme.format in NF_BITS else integer
