@@ -16,6 +16,10 @@ WikiText-2 test; calibration = `nsamples` × `seqlen` tokens from the second hal
 3. For each target bits per weight: allocate (llmq.allocate), quantize with that plan, evaluate; and every
    candidate scheme uniformly. Measured bits per weight count every stored byte.
 4. Table + the report command's ppl-vs-bpw plot (benchmarks/results/mixed_ppl_vs_bpw.png).
+
+`--recheck LABEL ...` re-runs rows of the saved results (a mixed row with its stored allocation, a uniform
+row by name) with this process's torch threads (`--threads N`) and adds them to the report: GPTQ at 3 bits
+moves by about 1% with the float summation order alone, so a close comparison is checked at two settings.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -75,7 +80,13 @@ def main() -> int:
                     help="reuse the uniform rows of the existing results (they do not depend on the sensitivity "
                          "estimate) instead of re-running them")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown and plot from the JSON")
+    ap.add_argument("--recheck", nargs="*", default=None, metavar="LABEL",
+                    help="re-run these rows of the existing results (e.g. 'mixed 3' nf3-g64-dq) and add them as a "
+                         "float-order check")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     m = machine()
     if a.report_only or a.merge_rows:
         payload = json.loads((RESULTS / f"{a.out}.json").read_text())
@@ -103,6 +114,25 @@ def main() -> int:
                "quant_seconds": round(secs, 1), **(extra or {})}  # fmt: skip
         print(f"{label}: ppl {row['perplexity']:.3f} at {bpw:.4f} bpw", flush=True)
         return row
+
+    if a.recheck:
+        payload = json.loads((RESULTS / f"{a.out}.json").read_text())
+        old = {r["label"]: r for r in payload["rows"]}
+        for label in a.recheck:
+            if label not in old:
+                raise SystemExit(f"{label!r} is not a row of {a.out}.json; rows: {', '.join(old)}")
+            o = old[label]
+            if o["kind"] == "mixed":
+                schemes = {s: scheme_from_name(s, clip_search=True) for s in set(o["choice"].values())}
+                plan = plan_for(SimpleNamespace(choice=o["choice"]), schemes)
+            else:
+                plan = QuantPlan(scheme_from_name(label, clip_search=True))
+            row = run(label, plan, o["kind"])
+            payload.setdefault("rechecks", []).append(
+                {"label": label, "threads": torch.get_num_threads(), "perplexity": row["perplexity"],
+                 "bits_per_weight": row["bits_per_weight"], "table_perplexity": o["perplexity"], "run": m})  # fmt: skip
+        report(payload, a.out)
+        return 0
 
     if a.add_uniform:
         rows = [run(name, QuantPlan(scheme_from_name(name, clip_search=True)), "uniform",
@@ -256,6 +286,13 @@ def report(payload: dict, out: str) -> None:
         md += ["", "Rows marked in the JSON with a `run` come from an earlier or parallel run of this script with the same "
                "protocol (uniform models do not depend on the sensitivity estimate): "
                + "; ".join(f"git {g}, {dt}" for g, dt in sorted(runs)) + "."]  # fmt: skip
+    if payload.get("rechecks"):
+        md += ["", f"Float-order check: rows re-run with another torch thread count (the table used "
+               f"{payload['machine']['torch_threads']}). GPTQ's result depends on the float summation order; a "
+               "comparison closer than these differences is a tie.", "",
+               "| model | bits/w | threads | perplexity | in the table |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        md += [f"| {c['label']} | {c['bits_per_weight']:.4f} | {c['threads']} | {c['perplexity']:.3f} | "
+               f"{c['table_perplexity']:.3f} |" for c in payload["rechecks"]]  # fmt: skip
     md += ["", "Allocations (number of linears per scheme):", ""]
     md += [f"- {r['label']}: " + ", ".join(f"{k} x{v}" for k, v in r["schemes"].items()) for r in rows if r["kind"] == "mixed"]
     md += ["", f"Does the estimate predict measured damage? {len(probes)} linears (every {pr['probe_every']}th) quantized "
