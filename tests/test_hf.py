@@ -82,6 +82,7 @@ def test_compile_decoding_matches_eager(qdir):
     ("rtn", dict(bits=4, group_size=128), ["--bits", "4", "--group-size", "128"]),
     ("rtn", dict(bits=3, group_size=32, sym=True, outliers=0.01), ["--bits", "3", "--group-size", "32", "--sym", "--outliers", "0.01"]),
     ("nf4", dict(double_quant=True), ["--format", "nf4", "--group-size", "64", "--double-quant"]),
+    ("nf3", dict(double_quant=True), ["--format", "nf3", "--group-size", "64", "--double-quant"]),
 ])  # fmt: skip
 def test_on_the_fly_equals_offline_cli_bit_for_bit(tiny_dir, tmp_path, method, kw, cli):
     src = tiny_dir("llama")
