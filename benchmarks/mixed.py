@@ -30,7 +30,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -124,7 +123,7 @@ def main() -> int:
             o = old[label]
             if o["kind"] == "mixed":
                 schemes = {s: scheme_from_name(s, clip_search=True) for s in set(o["choice"].values())}
-                plan = plan_for(SimpleNamespace(choice=o["choice"]), schemes)
+                plan = plan_for(o["choice"], schemes)
             else:
                 plan = QuantPlan(scheme_from_name(label, clip_search=True))
             row = run(label, plan, o["kind"])
@@ -187,7 +186,7 @@ def main() -> int:
         counts = {}
         for s in al.choice.values():
             counts[s] = counts.get(s, 0) + 1
-        rows.append(run(f"mixed {target:g}", plan_for(al, table.schemes), "mixed",
+        rows.append(run(f"mixed {target:g}", plan_for(al.choice, table.schemes), "mixed",
                         {"target_bpw": target, "estimated_loss_increase": al.damage, "allocation_bpw": al.bits_per_weight,
                          "schemes": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "choice": al.choice}))  # fmt: skip
     if a.keep_uniform:

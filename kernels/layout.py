@@ -16,8 +16,8 @@ must read neighbouring bytes. So `repack` transposes once at load (docs/FORMAT.m
 
 and integers: K, N, G, group length L (group g covers k in [g·L, (g+1)·L); per channel and per tensor
 have L = K), B, the symmetric zero point 2**(bits-1), and whether the format is a NormalFloat codebook. A
-per-tensor scale is broadcast to [1, N]. Outliers and the act-order permutation stay with QuantLinear (sparse correction,
-gather of x). Dequantized weight: w[k, n] = s[g, n]·(q[k, n] − z[g, n]) (int) or s[g, n]·codebook[q] (NF4, NF3).
+per-tensor scale is broadcast to [1, N]. Outliers and the act-order permutation stay with QuantLinear (sparse
+correction, gather of x). Dequantized weight: w[k, n] = s[g, n]·(q[k, n] − z[g, n]) (int) or s[g, n]·codebook[q] (NF4, NF3).
 """
 from __future__ import annotations
 

@@ -114,14 +114,15 @@ def _fill(pick: list[int], costs: list[np.ndarray], dmg: list[np.ndarray], budge
         used += extra
 
 
-def plan_for(alloc: Allocation, schemes: dict) -> "QuantPlan":
-    """A QuantPlan for the allocation: the most common scheme as default, every other linear overridden."""
+def plan_for(choice: dict[str, str], schemes: dict) -> "QuantPlan":
+    """A QuantPlan for an allocation's choice (linear -> scheme name): the most common scheme as default,
+    every other linear overridden."""
     from collections import Counter
 
     from .config import QuantPlan
 
-    default = Counter(alloc.choice.values()).most_common(1)[0][0]
-    return QuantPlan(schemes[default], {n: schemes[s] for n, s in alloc.choice.items() if s != default})
+    default = Counter(choice.values()).most_common(1)[0][0]
+    return QuantPlan(schemes[default], {n: schemes[s] for n, s in choice.items() if s != default})
 
 
 def mixed_plan(model, calib, target_bpw: float, candidates: dict | None = None, method: str = "gptq", cfg=None,
@@ -137,4 +138,4 @@ def mixed_plan(model, calib, target_bpw: float, candidates: dict | None = None, 
     stats = layer_stats(model, calib, quiet)
     table = sensitivity_table(model, stats, candidates, method, cfg, quiet)
     alloc = allocate(table.damage, table.nbytes, table.weights, target_bpw)
-    return plan_for(alloc, table.schemes), alloc, table
+    return plan_for(alloc.choice, table.schemes), alloc, table

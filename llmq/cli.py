@@ -72,10 +72,9 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
 
 
 def scheme_from_args(a):
-    from .config import NF_BITS, QuantScheme
+    from .config import QuantScheme
 
-    bits = a.bits if a.bits is not None else NF_BITS.get(a.format, 4)
-    return QuantScheme(bits=bits, format=a.format, group_size=a.group_size, sym=a.sym,
+    return QuantScheme(bits=a.bits, format=a.format, group_size=a.group_size, sym=a.sym,
                        double_quant=a.double_quant, scale_dtype=a.scale_dtype, clip_search=a.clip_search,
                        outliers=a.outliers)  # fmt: skip
 

@@ -30,7 +30,8 @@ def _check(cond: bool, msg: str) -> None:
 class QuantScheme:
     """How one linear layer's weight is quantized.
 
-    bits:         code width; 2, 3, 4 or 8 for `int`, 4 for `nf4`, 3 for `nf3`.
+    bits:         code width; 2, 3, 4 or 8 for `int`, 4 for `nf4`, 3 for `nf3` (None: 4 for `int`, else the
+                  codebook's width).
     format:       "int" (uniform grid), "nf4" (QLoRA's 16-value NormalFloat codebook, absmax-scaled) or "nf3"
                   (its 8-value counterpart, formats/nf.py).
     group_size:   columns sharing one scale: >= 16 (need not divide in_features: the last group is
@@ -44,7 +45,7 @@ class QuantScheme:
     outliers:     fraction of weights kept exact in fp16, stored sparse (0 = none).
     """
 
-    bits: int = 4
+    bits: int | None = None
     format: str = "int"
     group_size: int = 128
     sym: bool = False
@@ -55,6 +56,8 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         _check(self.format in FORMATS, f"format={self.format!r} is not supported; use one of {FORMATS}")
+        if self.bits is None:
+            object.__setattr__(self, "bits", NF_BITS.get(self.format, 4))
         if self.format in NF_BITS:
             nb = NF_BITS[self.format]
             _check(self.bits == nb, f"format={self.format!r} is a {nb}-bit codebook; got bits={self.bits}, "

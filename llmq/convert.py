@@ -248,7 +248,7 @@ def _mixed_plan(a, lazy, calib, gcfg, out: Path):
             lazy.release(i)
     alloc = allocate(table.damage, table.nbytes, table.weights, a.target_bpw)
     atomic_write_json(path, {"target_bpw": a.target_bpw, "allocation": alloc.to_dict(), "table": table.to_dict()})
-    plan = plan_for(alloc, table.schemes)
+    plan = plan_for(alloc.choice, table.schemes)
     log.info("mixed precision: %.4f bits per weight (target %g), estimated loss increase %.4f nats; %s",
              alloc.bits_per_weight, a.target_bpw, alloc.damage, _counts(alloc))  # fmt: skip
     return plan, alloc

@@ -63,7 +63,6 @@ class LlmqConfig(QuantizationConfigMixin):
             raise LlmqError(f"LlmqConfig: unknown options {sorted(unknown)}; scheme options are {SCHEME_KEYS}")
         if name in NF_BITS:  # round-to-nearest onto that codebook
             scheme.setdefault("format", name)
-            scheme.setdefault("bits", NF_BITS[name])
             scheme.setdefault("group_size", 64)
         self.scheme = QuantScheme(**scheme)
         self.record = None

@@ -19,10 +19,9 @@ The active layer may live on a GPU (`device`) while the model stays on the CPU; 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -282,7 +281,7 @@ def gptq_layer_fp(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfi
     hooks = _HessianHooks(mods)
     hooks.stop_early = False
     # the first ERR_SAMPLES windows' inputs, for the error report (their fp outputs replace them in acts)
-    sample = dataclasses.replace(acts, inps=acts.inps[:ERR_SAMPLES])
+    sample = replace(acts, inps=acts.inps[:ERR_SAMPLES])
     try:
         for k, x in enumerate(acts.inps):
             acts.inps[k] = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)

@@ -80,6 +80,11 @@ def test_nf_width_is_checked(bad):
         QuantScheme(**bad)
 
 
+def test_bits_default_to_the_formats_width():
+    assert (QuantScheme().bits, QuantScheme(format="nf4").bits, QuantScheme(format="nf3").bits) == (4, 4, 3)
+    assert QuantScheme(format="nf3", group_size=64) == scheme_from_name("nf3-g64")
+
+
 @pytest.mark.parametrize("block", [32, 64, 128])
 def test_nf4_beats_int4_on_normal_weights(block):
     W = randn(512, 1024, seed=2)
