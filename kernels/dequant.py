@@ -8,7 +8,7 @@ indices, masks for the edges):
   s_ptr      scales [G, N] (any float dtype) — or, with DQ, scales_q uint8 [G, N]
   step_ptr, off_ptr  fp32 [G, NB] double-quant step / offset (DQ only; NB = ceil(N / 256))
   z_ptr      uint8 [G, N] zero points (HAS_ZEROS only)
-  cb_ptr     fp32 [8 or 16] NormalFloat codebook, NF3 or NF4 (NF only)
+  cb_ptr     fp32 [4, 8 or 16] codebook, NF2, NF3 or NF4 (NF only)
 GROUP (constexpr) is the group length L; when it is a multiple of BLOCK_K (and blocks start on multiples of
 BLOCK_K) a tile lies in one group and its scales are one row [BLOCK_N], else they are gathered per k.
 """

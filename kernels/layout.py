@@ -12,12 +12,12 @@ must read neighbouring bytes. So `repack` transposes once at load (docs/FORMAT.m
     dq_step   fp32 [G, ceil(N/256)] their step and offset per block of 256     the kernel: off + step·q)
     dq_off    fp32 [G, ceil(N/256)]
     zeros     uint8 [G, N]          integer zero points, unpacked              (int asym only)
-    codebook  fp32 [16] or [8]      NF4 / NF3 code values                      (nf4 / nf3 only)
+    codebook  fp32 [16], [8] or [4] NF4 / NF3 / NF2 code values               (codebook formats only)
 
 and integers: K, N, G, group length L (group g covers k in [g·L, (g+1)·L); per channel and per tensor
 have L = K), B, the symmetric zero point 2**(bits-1), and whether the format is a NormalFloat codebook. A
 per-tensor scale is broadcast to [1, N]. Outliers and the act-order permutation stay with QuantLinear (sparse
-correction, gather of x). Dequantized weight: w[k, n] = s[g, n]·(q[k, n] − z[g, n]) (int) or s[g, n]·codebook[q] (NF4, NF3).
+correction, gather of x). Dequantized weight: w[k, n] = s[g, n]·(q[k, n] − z[g, n]) (int) or s[g, n]·codebook[q] (NF4, NF3, NF2).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class TritonWeight:
     group_len: int
     bits: int  # storage width per code: 4 or 8
     zero_sym: int  # z for symmetric int grids (unused when `zeros` or NF)
-    nf: bool  # NormalFloat codebook lookup (nf4, nf3)
+    nf: bool  # codebook lookup (nf4, nf3, nf2)
     scales: torch.Tensor | None = None
     scales_q: torch.Tensor | None = None
     dq_step: torch.Tensor | None = None

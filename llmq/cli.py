@@ -58,9 +58,10 @@ def human_bytes(n: float) -> str:
 def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheme")
     g.add_argument("--bits", type=int, default=None,
-                   help="code width: 2, 3, 4 or 8 (default 4; nf4 / nf3 imply 4 / 3)")
+                   help="code width: 2, 3, 4 or 8 (default 4; nf4 / nf3 / nf2 imply 4 / 3 / 2)")
     g.add_argument("--format", choices=FORMATS, default="int",
-                   help="int: uniform integer grid; nf4 / nf3: NormalFloat codebook (16 / 8 values, absmax scales)")
+                   help="int: uniform integer grid; nf4 / nf3 / nf2: codebook of 16 / 8 / 4 values with absmax "
+                        "scales (NormalFloat; nf2 = -1, -1/4, 1/4, 1)")
     g.add_argument("--group-size", type=int, default=128,
                    help="columns per scale: 32/64/128/256 (any >= 16), -1 per output channel, 0 per tensor")
     g.add_argument("--sym", action="store_true", help="symmetric integer grid (no zero points stored)")

@@ -12,8 +12,8 @@ from typing import Any
 
 from .errors import LlmqError
 
-FORMATS = ("int", "nf4", "nf3")
-NF_BITS = {"nf4": 4, "nf3": 3}  # NormalFloat codebooks (formats/nf.py) and their code widths
+FORMATS = ("int", "nf4", "nf3", "nf2")
+NF_BITS = {"nf4": 4, "nf3": 3, "nf2": 2}  # absmax-scaled codebooks (formats/nf.py) and their code widths
 INT_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 PER_CHANNEL = -1  # group_size for one scale per output row
@@ -30,14 +30,14 @@ def _check(cond: bool, msg: str) -> None:
 class QuantScheme:
     """How one linear layer's weight is quantized.
 
-    bits:         code width; 2, 3, 4 or 8 for `int`, 4 for `nf4`, 3 for `nf3` (None: 4 for `int`, else the
-                  codebook's width).
-    format:       "int" (uniform grid), "nf4" (QLoRA's 16-value NormalFloat codebook, absmax-scaled) or "nf3"
-                  (its 8-value counterpart, formats/nf.py).
+    bits:         code width; 2, 3, 4 or 8 for `int`, 4 for `nf4`, 3 for `nf3`, 2 for `nf2` (None: 4 for
+                  `int`, else the codebook's width).
+    format:       "int" (uniform grid), "nf4" (QLoRA's 16-value NormalFloat codebook, absmax-scaled), "nf3"
+                  (its 8-value counterpart) or "nf2" (a symmetric 4-value codebook), formats/nf.py.
     group_size:   columns sharing one scale: >= 16 (need not divide in_features: the last group is
                   shorter), -1 = per output channel, 0 = per tensor.
     sym:          int only: symmetric grid (zero point fixed at 2**(bits-1), not stored) or asymmetric
-                  (an integer zero point per group, stored packed at `bits`). nf4/nf3 are always symmetric.
+                  (an integer zero point per group, stored packed at `bits`). nf4/nf3/nf2 are always symmetric.
     double_quant: per-group scales re-quantized to uint8 in blocks of 256 (one fp32 scale and offset per
                   block), as QLoRA does.
     scale_dtype:  storage dtype of plain (not double-quantized) scales.
@@ -174,10 +174,10 @@ class QuantPlan:
 
 def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     """Parse a scheme name as `QuantScheme.describe()` writes it, e.g. 'int4-g128', 'int3-asym-g64-dq',
-    'nf4-g64', 'nf3-g64-dq', 'int8-pc', 'int4-sym-g128-clip-out0.005'. `defaults` fill the fields the name
+    'nf4-g64', 'nf3-g64-dq', 'nf2-g64-dq', 'int8-pc', 'int4-sym-g128-clip-out0.005'. `defaults` fill the fields the name
     leaves out."""
     parts = name.strip().lower().split("-")
-    m = re.fullmatch(r"(int([2348])|nf[34])", parts[0])
+    m = re.fullmatch(r"(int([2348])|nf[234])", parts[0])
     _check(m is not None and len(parts) >= 2, f"scheme name {name!r} not understood; write e.g. int4-g128, "
            "int3-g64-dq, nf4-g64, nf3-g64-dq, int8-pc, int4-g128-out0.005")  # fmt: skip
     kw: dict[str, Any] = dict(defaults)
@@ -200,13 +200,13 @@ def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     return QuantScheme(**kw)
 
 
-# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF3/NF4, and
-# outliers; each fills a different point of the size ladder (measured bits per weight on SmolLM2):
-# int2 g64 2.30 < g32-dq 2.34 < g32 2.58; nf3 g256-dq 3.04 < g128-dq 3.07 < g64-dq 3.13 < g32-dq 3.26; int3 g32-dq
-# 3.38; nf4 g128-dq 4.07 < g64-dq 4.13 < g32-dq 4.26 < g32 4.5; int8 g128 8.2. Left out because on SmolLM2 another
-# candidate has less estimated damage at the same or lower size (benchmarks/results/mixed.md): int3 pc / g128-dq /
-# g64-dq (NF3 g256-dq / g128-dq / g64-dq), int3 g128 / g64 / g32 (the -dq variants), int4 pc / g128 / g64 / g32
-# (NF4 with double quant).
-DEFAULT_CANDIDATES = ("int2-g64", "int2-g32-dq", "int2-g32", "nf3-g256-dq", "nf3-g128-dq", "nf3-g64-dq", "nf3-g32-dq",
-                      "int3-g32-dq", "nf4-g128-dq", "nf4-g64-dq", "nf4-g32-dq", "nf4-g32", "int8-g128",
-                      "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip
+# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF2/NF3/NF4,
+# and outliers; each fills a different point of the size ladder (measured bits per weight on SmolLM2):
+# nf2 g128-dq 2.07 < g64-dq 2.13 < g32-dq 2.26 < g16-dq 2.52; nf3 g256-dq 3.04 < g128-dq 3.07 < g64-dq 3.13 < g32-dq
+# 3.26; int3 g32-dq 3.38; nf4 g128-dq 4.07 < g64-dq 4.13 < g32-dq 4.26 < g32 4.5; int8 g128 8.2. Left out because on
+# SmolLM2 another candidate has less estimated damage at the same or lower size (benchmarks/results/mixed.md):
+# int2 g64 / g32-dq / g32 (NF2 g64-dq / g32-dq / g16-dq), int3 pc / g128-dq / g64-dq (NF3 g256-dq / g128-dq /
+# g64-dq), int3 g128 / g64 / g32 (the -dq variants), int4 pc / g128 / g64 / g32 (NF4 with double quant).
+DEFAULT_CANDIDATES = ("nf2-g128-dq", "nf2-g64-dq", "nf2-g32-dq", "nf2-g16-dq", "nf3-g256-dq", "nf3-g128-dq",
+                      "nf3-g64-dq", "nf3-g32-dq", "int3-g32-dq", "nf4-g128-dq", "nf4-g64-dq", "nf4-g32-dq", "nf4-g32",
+                      "int8-g128", "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip

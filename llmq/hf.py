@@ -4,7 +4,7 @@
   - `AutoModelForCausalLM.from_pretrained(llmq_dir)` builds QuantLinear skeletons (packed buffers of the
     stored dtypes and shapes, on the meta device) before the weights load, and the loader fills them from
     the shards: full-precision weights of quantized layers are never materialised;
-  - `from_pretrained(fp_model, quantization_config=LlmqConfig(method="rtn"|"nf4"|"nf3", ...))` quantizes each
+  - `from_pretrained(fp_model, quantization_config=LlmqConfig(method="rtn"|"nf4"|"nf3"|"nf2", ...))` quantizes each
     linear's weight as it arrives (a ConversionOps), so peak memory stays near the quantized size.
 
 Safety: every llmq checkpoint carries a sentinel tensor under the real name of its first quantized
@@ -35,8 +35,8 @@ SCHEME_KEYS = ("bits", "format", "group_size", "sym", "double_quant", "scale_dty
 @register_quantization_config(QUANT_METHOD)
 class LlmqConfig(QuantizationConfigMixin):
     """Either the `quantization_config` of an llmq checkpoint (pre-quantized), or a request to quantize at
-    load time: LlmqConfig(method="rtn" | "nf4" | "nf3", bits=4, group_size=128, sym=False, double_quant=False,
-    ...); "nf4" / "nf3" default to group_size=64.
+    load time: LlmqConfig(method="rtn" | "nf4" | "nf3" | "nf2", bits=4, group_size=128, sym=False, double_quant=False,
+    ...); "nf4" / "nf3" / "nf2" default to group_size=64.
 
     backend: "auto" | "reference" | "cpu" | "triton" for the QuantLinear layers quantized on the fly. For a
     pre-quantized checkpoint transformers ignores a passed config (it keeps the checkpoint's); set
@@ -55,8 +55,8 @@ class LlmqConfig(QuantizationConfigMixin):
             raise LlmqError("GPTQ needs calibration data and cannot run inside from_pretrained; quantize offline "
                             "with `llmq quantize MODEL OUT --method gptq --calib ...`, then load OUT")  # fmt: skip
         if name not in ("rtn", *NF_BITS):
-            raise LlmqError(f"LlmqConfig(method={name!r}): on-the-fly quantization supports 'rtn', 'nf4' and "
-                            "'nf3'")
+            raise LlmqError(f"LlmqConfig(method={name!r}): on-the-fly quantization supports 'rtn', 'nf4', "
+                            "'nf3' and 'nf2'")
         scheme = {k: v for k, v in kwargs.items() if k in SCHEME_KEYS}
         unknown = set(kwargs) - set(SCHEME_KEYS) - {"quant_method", "format_version"}
         if unknown:

@@ -79,8 +79,9 @@ def test_scheme_names_round_trip():
         assert scheme_from_name(s.describe()) == s
     assert scheme_from_name("int3-g64-dq") == QuantScheme(bits=3, group_size=64, double_quant=True)
     assert scheme_from_name("nf3-g128-dq") == QuantScheme(bits=3, format="nf3", group_size=128, double_quant=True)
+    assert scheme_from_name("nf2-g64-dq") == QuantScheme(bits=2, format="nf2", group_size=64, double_quant=True)
     with pytest.raises(LlmqError, match="not understood"):
-        scheme_from_name("nf2-g64")
+        scheme_from_name("nf5-g64")
     with pytest.raises(LlmqError, match="not understood"):
         scheme_from_name("int5-g64")
     with pytest.raises(LlmqError, match="'q9'"):
