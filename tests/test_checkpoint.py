@@ -17,6 +17,7 @@ SCHEMES = {
     "int4-g128": ["--bits", "4", "--group-size", "128"],
     "nf4-g64-dq": ["--format", "nf4", "--group-size", "64", "--double-quant"],
     "nf3-g32-dq": ["--format", "nf3", "--group-size", "32", "--double-quant"],  # --bits implied by the format
+    "nf2-g64-dq": ["--format", "nf2", "--group-size", "64", "--double-quant"],
     "int8-pc": ["--bits", "8", "--group-size", "-1"],
     "int3-sym-out": ["--bits", "3", "--sym", "--group-size", "32", "--outliers", "0.01"],
     "int2-g32-clip": ["--bits", "2", "--group-size", "32", "--clip-search"],
@@ -121,7 +122,8 @@ def test_dir_without_config(capsys, tmp_path):
 
 @pytest.mark.parametrize("args, match", [(["--bits", "5"], "bits=5"), (["--group-size", "7"], "group_size=7"),
                                          (["--format", "nf4", "--bits", "3"], "nf4"),
-                                         (["--format", "nf3", "--bits", "4"], "3-bit codebook")])  # fmt: skip
+                                         (["--format", "nf3", "--bits", "4"], "3-bit codebook"),
+                                         (["--format", "nf2", "--bits", "3"], "2-bit codebook")])  # fmt: skip
 def test_unsupported_scheme(capsys, tiny_dir, tmp_path, args, match):
     err = run_err(capsys, "quantize", tiny_dir("llama"), tmp_path / "out", *args)
     assert match in err

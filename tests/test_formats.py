@@ -5,7 +5,7 @@ from llmq.algorithms.rtn import rtn
 from llmq.config import QuantScheme, scheme_from_name
 from llmq.errors import LlmqError
 from llmq.formats import grouping
-from llmq.formats.nf import NF3_CODEBOOK, NF4_CODEBOOK
+from llmq.formats.nf import NF2_CODEBOOK, NF3_CODEBOOK, NF4_CODEBOOK
 
 
 def randn(*shape, seed=0):
@@ -34,7 +34,8 @@ def test_double_quant_keeps_half_step(double_quant):
     assert torch.all((qw.dequantize() - W).abs() <= step / 2 * (1 + 1e-4))
 
 
-@pytest.mark.parametrize("fmt,bits,book", [("nf4", 4, NF4_CODEBOOK), ("nf3", 3, NF3_CODEBOOK)])
+@pytest.mark.parametrize("fmt,bits,book", [("nf4", 4, NF4_CODEBOOK), ("nf3", 3, NF3_CODEBOOK),
+                                          ("nf2", 2, NF2_CODEBOOK)])
 @pytest.mark.parametrize("group_size", [64, 128, 100])
 def test_nf_picks_the_nearest_code(fmt, bits, book, group_size):
     W = randn(16, 300, seed=1)
@@ -60,6 +61,9 @@ def test_nf_codebooks_follow_qlora_construction():
     assert torch.allclose(normal_float(4), NF4_CODEBOOK, atol=1e-6)  # bitsandbytes' table
     assert torch.allclose(normal_float(3), NF3_CODEBOOK, atol=1e-6)
     assert len(NF3_CODEBOOK) == 8 and NF3_CODEBOOK[3] == 0  # exact zero, 3 negative, 4 positive values
+    # at 2 bits the construction leaves one negative level and an exact zero; NF2 is symmetric instead
+    assert torch.allclose(normal_float(2), torch.tensor([-1.0, 0.0, 0.3379152, 1.0]), atol=1e-6)
+    assert torch.equal(NF2_CODEBOOK, -NF2_CODEBOOK.flip(0)) and not (NF2_CODEBOOK == 0).any()
 
 
 def test_nf3_stores_3_bit_codes_and_no_zero_points():
@@ -74,14 +78,29 @@ def test_nf3_stores_3_bit_codes_and_no_zero_points():
     assert e["nf3"] < 1.1 * e["int3"], e
 
 
-@pytest.mark.parametrize("bad", [dict(format="nf3", bits=4), dict(format="nf4", bits=3), dict(format="nf5", bits=4)])
+def test_nf2_stores_2_bit_codes_and_beats_int2():
+    """nf2-g64-dq: 2 bits of codes + 8/64 of scale codes + the double-quant blocks, 2/64 below int2-g64-dq (no
+    zero points), and less squared error than the asymmetric int2 grid on bell-shaped weights (both with clip
+    search): the int2 grid's integer zero point puts 0 on the grid and leaves one side a single level."""
+    W = randn(512, 1024, seed=5)
+    nf2, int2 = (rtn(W, scheme_from_name(n, clip_search=True)) for n in ("nf2-g64-dq", "int2-g64-dq"))
+    bpw = {k: 8 * q.nbytes() / W.numel() for k, q in {"nf2": nf2, "int2": int2}.items()}
+    assert bpw["nf2"] == pytest.approx(2 + 8 / 64 + 64 / (64 * 256), abs=1e-9), bpw
+    assert bpw["int2"] - bpw["nf2"] == pytest.approx(2 / 64, abs=1e-9), bpw
+    e = {k: float((q.dequantize() - W).square().mean()) for k, q in {"nf2": nf2, "int2": int2}.items()}
+    assert e["nf2"] < 0.97 * e["int2"], e
+    assert set(nf2.codes().unique().tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("bad", [dict(format="nf3", bits=4), dict(format="nf4", bits=3), dict(format="nf5", bits=4),
+                                 dict(format="nf2", bits=4)])
 def test_nf_width_is_checked(bad):
     with pytest.raises(LlmqError, match="format="):
         QuantScheme(**bad)
 
 
 def test_bits_default_to_the_formats_width():
-    assert (QuantScheme().bits, QuantScheme(format="nf4").bits, QuantScheme(format="nf3").bits) == (4, 4, 3)
+    assert [QuantScheme(format=f).bits for f in ("int", "nf4", "nf3", "nf2")] == [4, 4, 3, 2]
     assert QuantScheme(format="nf3", group_size=64) == scheme_from_name("nf3-g64")
 
 

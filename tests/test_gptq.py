@@ -25,7 +25,8 @@ def out_err(W, Wh, X):
 
 SCHEMES = {"int4": QuantScheme(bits=4, group_size=128), "int3": QuantScheme(bits=3, group_size=128),
            "nf4": QuantScheme(format="nf4", group_size=64),
-           "nf3": QuantScheme(bits=3, format="nf3", group_size=64)}  # fmt: skip
+           "nf3": QuantScheme(bits=3, format="nf3", group_size=64),
+           "nf2": QuantScheme(format="nf2", group_size=32)}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
@@ -92,7 +93,8 @@ def test_degenerate_hessian_no_nan():
     for s in SCHEMES.values():
         Wh = gptq(W, H, s).dequantize()
         assert torch.isfinite(Wh).all()
-        assert torch.all(Wh[:, 10:20] == 0)
+        if s.format != "nf2":  # NF2 has no zero level: dead inputs take ±s/4, harmless as their inputs are 0
+            assert torch.all(Wh[:, 10:20] == 0)
     assert torch.isfinite(gptq(W, torch.zeros(C, C), SCHEMES["int4"]).dequantize()).all()
 
 
