@@ -10,7 +10,7 @@ WikiText-2 test; calibration = `nsamples` × `seqlen` tokens from the second hal
 1. Sensitivity (llmq.sensitivity): one forward + backward per calibration window, then every linear ×
    every candidate scheme (config.DEFAULT_CANDIDATES) quantized with GPTQ; time recorded.
 2. Does the estimate predict damage? For `probe-linears` linears spread over layers and types, quantize
-   *only* that linear with a probe scheme (nf2-g64-dq, GPTQ) and measure the eval log-perplexity increase;
+   *only* that linear with a probe scheme (int2-g64, GPTQ) and measure the eval log-perplexity increase;
    report the Spearman rank correlation with the estimated loss increase, and estimated vs measured for the
    full mixed models too.
 3. For each target bits per weight: allocate (llmq.allocate), quantize with that plan, evaluate; and every
@@ -48,7 +48,7 @@ from llmq.sensitivity import layer_stats, quantize_candidate, sensitivity_table 
 UNIFORM = ("nf3-g256-dq", "int3-pc", "nf3-g128-dq", "int3-g128-dq", "nf3-g64-dq", "int3-g128", "int3-g64-dq",
            "nf3-g32-dq", "int3-g64", "int3-g32-dq", "nf3-g32", "int3-g32", "int4-pc", "nf4-g128-dq", "nf4-g64-dq",
            "nf4-g128", "int4-g128", "nf4-g64", "nf4-g32-dq", "int4-g64", "nf4-g32", "int4-g32")  # fmt: skip
-PROBE = "nf2-g64-dq"
+PROBE = "int2-g64"
 WINDOW = 0.25  # compare with uniform schemes costing the same or up to this many bits per weight more
 
 

@@ -200,13 +200,13 @@ def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     return QuantScheme(**kw)
 
 
-# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF2/NF3/NF4,
-# and outliers; each fills a different point of the size ladder (measured bits per weight on SmolLM2):
-# nf2 g128-dq 2.07 < g64-dq 2.13 < g32-dq 2.26 < g16-dq 2.52; nf3 g256-dq 3.04 < g128-dq 3.07 < g64-dq 3.13 < g32-dq
-# 3.26; int3 g32-dq 3.38; nf4 g128-dq 4.07 < g64-dq 4.13 < g32-dq 4.26 < g32 4.5; int8 g128 8.2. Left out because on
-# SmolLM2 another candidate has less estimated damage at the same or lower size (benchmarks/results/mixed.md):
-# int2 g64 / g32-dq / g32 (NF2 g64-dq / g32-dq / g16-dq), int3 pc / g128-dq / g64-dq (NF3 g256-dq / g128-dq /
-# g64-dq), int3 g128 / g64 / g32 (the -dq variants), int4 pc / g128 / g64 / g32 (NF4 with double quant).
-DEFAULT_CANDIDATES = ("nf2-g128-dq", "nf2-g64-dq", "nf2-g32-dq", "nf2-g16-dq", "nf3-g256-dq", "nf3-g128-dq",
-                      "nf3-g64-dq", "nf3-g32-dq", "int3-g32-dq", "nf4-g128-dq", "nf4-g64-dq", "nf4-g32-dq", "nf4-g32",
-                      "int8-g128", "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip
+# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF3/NF4, and
+# outliers; each fills a different point of the size ladder (measured bits per weight on SmolLM2):
+# int2 g64 2.30 < g32-dq 2.34 < g32 2.58; nf3 g256-dq 3.04 < g128-dq 3.07 < g64-dq 3.13 < g32-dq 3.26; int3 g32-dq
+# 3.38; nf4 g128-dq 4.07 < g64-dq 4.13 < g32-dq 4.26 < g32 4.5; int8 g128 8.2. Left out because on SmolLM2 another
+# candidate has less estimated damage at the same or lower size (benchmarks/results/mixed.md): int3 pc / g128-dq /
+# g64-dq (NF3 g256-dq / g128-dq / g64-dq), int3 g128 / g64 / g32 (the -dq variants), int4 pc / g128 / g64 / g32
+# (NF4 with double quant).
+DEFAULT_CANDIDATES = ("int2-g64", "int2-g32-dq", "int2-g32", "nf3-g256-dq", "nf3-g128-dq", "nf3-g64-dq", "nf3-g32-dq",
+                      "int3-g32-dq", "nf4-g128-dq", "nf4-g64-dq", "nf4-g32-dq", "nf4-g32", "int8-g128",
+                      "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip
