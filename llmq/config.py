@@ -174,8 +174,8 @@ class QuantPlan:
 
 def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     """Parse a scheme name as `QuantScheme.describe()` writes it, e.g. 'int4-g128', 'int3-asym-g64-dq',
-    'nf4-g64', 'nf3-g64-dq', 'nf2-g64-dq', 'int8-pc', 'int4-sym-g128-clip-out0.005'. `defaults` fill the fields the name
-    leaves out."""
+    'nf4-g64', 'nf3-g64-dq', 'nf2-g64-dq', 'int8-pc', 'int4-sym-g128-clip-out0.005'. `defaults` fill the fields
+    the name leaves out."""
     parts = name.strip().lower().split("-")
     m = re.fullmatch(r"(int([2348])|nf[234])", parts[0])
     _check(m is not None and len(parts) >= 2, f"scheme name {name!r} not understood; write e.g. int4-g128, "

@@ -1,7 +1,7 @@
 """Absmax-scaled codebooks: NF4 of QLoRA (Dettmers et al. 2023, appendix E), NF3 built the same way, and NF2.
 
 Each group is scaled by its absolute maximum s = max|w| into [-1, 1]; each weight takes the index of the
-nearest code value (an exact zero included). Dequantization is s·NF[q].
+nearest code value (NF4 and NF3 hold an exact zero; NF2 does not). Dequantization is s·NF[q].
 
 A k-bit NormalFloat codebook holds 2^(k-1) positive and 2^(k-1) - 1 negative quantiles of N(0, 1), equally
 spaced in probability between 1/2 and QLoRA's offset 0.9677083 (Φ⁻¹ of linspace(offset, 1/2, 2^(k-1) + 1) and
