@@ -117,7 +117,7 @@ def main() -> int:
         row = {"label": label, "kind": kind, "perplexity": ppl(model), "bits_per_weight": bpw,
                "quant_seconds": round(secs, 1), **(extra or {})}  # fmt: skip
         if also_windows:  # the same model scored on fewer windows too (a recheck against the table's protocol)
-            row["perplexity_first_windows"] = perplexity(model, eval_tokens[: also_windows * 2048], 2048)["perplexity"]
+            row["perplexity_table_windows"] = perplexity(model, eval_tokens[: also_windows * 2048], 2048)["perplexity"]
         print(f"{label}: ppl {row['perplexity']:.3f} at {bpw:.4f} bpw", flush=True)
         return row
 
@@ -138,7 +138,7 @@ def main() -> int:
             payload.setdefault("rechecks", []).append(
                 {"label": label, "threads": torch.get_num_threads(), "calib_seed": a.calib_seed,
                  "eval_windows": a.eval_windows, "perplexity": row["perplexity"],
-                 "perplexity_table_windows": row.get("perplexity_first_windows", row["perplexity"]),
+                 "perplexity_table_windows": row.get("perplexity_table_windows", row["perplexity"]),
                  "bits_per_weight": row["bits_per_weight"], "table_perplexity": o["perplexity"], "run": m})  # fmt: skip
         report(payload, a.out)
         return 0
@@ -245,7 +245,7 @@ def _rechecked(r: dict, rival: str, rechecks: list[dict]) -> str:
     same threads, calibration draw and eval windows, compared on the most windows each pair was scored on; a
     verdict that does not hold there is not one. Sets r["rechecks_beaten"] = [wins, pairs]."""
     def key(c):
-        return c["threads"], c.get("calib_seed", 0), c.get("eval_windows")
+        return c["threads"], c["calib_seed"], c["eval_windows"]
 
     mine = {key(c): c for c in rechecks if c["label"] == r["label"]}
     pairs = [(mine[key(c)], c) for c in rechecks if c["label"] == rival and key(c) in mine]
@@ -281,6 +281,10 @@ def compare(rows: list[dict], window: float = WINDOW) -> None:
 def report(payload: dict, out: str) -> None:
     rows, probes, pr, fp_ppl = payload["rows"], payload["probes"], payload["protocol"], payload["fp_perplexity"]
     table = payload.get("table")
+    for c in payload.get("rechecks", []):  # rechecks saved before --calib-seed / --eval-windows existed
+        c.setdefault("calib_seed", 0)
+        c.setdefault("eval_windows", table_eval_windows(payload))
+        c.setdefault("perplexity_table_windows", c["perplexity"])
     for r in rows:  # uniform rows run separately (--add-uniform): their estimate from the saved table
         if r["kind"] == "uniform" and r.get("estimated_loss_increase") is None and table and r["label"] in table["schemes"]:
             r["estimated_loss_increase"] = sum(d[r["label"]] for d in table["damage"].values())
@@ -329,12 +333,10 @@ def report(payload: dict, out: str) -> None:
                (f"| model | bits/w | threads | calib seed | ppl, {tw} windows | eval windows | ppl, all those windows "
                 "| in the table |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for c in payload["rechecks"]:
-            more = c.get("eval_windows", tw) != tw
-            md.append(f"| {c['label']} | {c['bits_per_weight']:.4f} | {c['threads']} | {c.get('calib_seed', 0)} | "
-                      f"{c.get('perplexity_table_windows', c['perplexity']):.3f} | {c.get('eval_windows', tw)} | "
-                      f"{c['perplexity']:.3f} | {c['table_perplexity']:.3f} |" if more else
-                      f"| {c['label']} | {c['bits_per_weight']:.4f} | {c['threads']} | {c.get('calib_seed', 0)} | "
-                      f"{c['perplexity']:.3f} | {tw} | - | {c['table_perplexity']:.3f} |")  # fmt: skip
+            more = f"{c['perplexity']:.3f}" if c["eval_windows"] != tw else "-"
+            md.append(f"| {c['label']} | {c['bits_per_weight']:.4f} | {c['threads']} | {c['calib_seed']} | "
+                      f"{c['perplexity_table_windows']:.3f} | {c['eval_windows']} | {more} | "
+                      f"{c['table_perplexity']:.3f} |")  # fmt: skip
     md += ["", "Allocations (number of linears per scheme):", ""]
     md += [f"- {r['label']}: " + ", ".join(f"{k} x{v}" for k, v in r["schemes"].items()) for r in rows if r["kind"] == "mixed"]
     md += ["", f"Does the estimate predict measured damage? {len(probes)} linears (every {pr['probe_every']}th) quantized "
