@@ -39,9 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_line, real_setup, write_results  # noqa: E402
 
-from llmq.allocate import allocate, plan_for  # noqa: E402
+from llmq.allocate import allocate, allocate_rows, plan_for, row_plan  # noqa: E402
 from llmq.archs import arch_for, weight_of  # noqa: E402
-from llmq.config import DEFAULT_CANDIDATES, GPTQConfig, QuantPlan, scheme_from_name  # noqa: E402
+from llmq.config import DEFAULT_CANDIDATES, DEFAULT_ROW_CANDIDATES, GPTQConfig, QuantPlan, scheme_from_name  # noqa: E402
 from llmq.eval.perplexity import perplexity, text_sha256  # noqa: E402
 from llmq.modeling import fake_quantize  # noqa: E402
 from llmq.pipeline import quantize  # noqa: E402
@@ -85,6 +85,10 @@ def main() -> int:
     ap.add_argument("--recheck", nargs="*", default=None, metavar="LABEL",
                     help="re-run these rows of the existing results (e.g. 'mixed 3' nf3-g64-dq) and add them as a "
                          "check of the table (see --threads, --calib-seed, --eval-windows)")
+    ap.add_argument("--add-rows", action="store_true",
+                    help="add mixed models with one scheme per output row (llmq quantize --granularity row; "
+                         "candidates config.DEFAULT_ROW_CANDIDATES) at --targets to the existing results; with "
+                         "--eval-windows above the table's, their scores there go to the re-run table")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--calib-seed", type=int, default=0,
                     help="seed of the calibration draw (with --recheck: another draw of the same protocol)")
@@ -129,6 +133,8 @@ def main() -> int:
             if label not in old:
                 raise SystemExit(f"{label!r} is not a row of {a.out}.json; rows: {', '.join(old)}")
             o = old[label]
+            if o.get("granularity") == "row":
+                raise SystemExit(f"{label!r}: a per-row allocation is not stored; re-run it with --add-rows")
             if o["kind"] == "mixed":
                 schemes = {s: scheme_from_name(s, clip_search=True) for s in set(o["choice"].values())}
                 plan = plan_for(o["choice"], schemes)
@@ -140,6 +146,44 @@ def main() -> int:
                  "eval_windows": a.eval_windows, "perplexity": row["perplexity"],
                  "perplexity_table_windows": row.get("perplexity_table_windows", row["perplexity"]),
                  "bits_per_weight": row["bits_per_weight"], "table_perplexity": o["perplexity"], "run": m})  # fmt: skip
+        report(payload, a.out)
+        return 0
+
+    if a.add_rows:
+        payload = json.loads((RESULTS / f"{a.out}.json").read_text())
+        table_windows = table_eval_windows(payload)
+        more = a.eval_windows != table_windows
+        t0 = time.perf_counter()
+        stats = layer_stats(fp_model, calib, quiet=False)
+        t_stats = time.perf_counter() - t0
+        cands = {n: scheme_from_name(n, clip_search=True) for n in DEFAULT_ROW_CANDIDATES}
+        rt = sensitivity_table(fp_model, stats, cands, "gptq", gcfg, quiet=False, rows=True)
+        del stats
+        shapes = {n: (len(d[DEFAULT_ROW_CANDIDATES[0]]), rt.weights[n] // len(d[DEFAULT_ROW_CANDIDATES[0]]))
+                  for n, d in rt.row_damage.items()}  # fmt: skip
+        rdmg = {n: {s: d.numpy() for s, d in ds.items()} for n, ds in rt.row_damage.items()}
+        payload["protocol"]["row_sensitivity"] = {"candidates": list(DEFAULT_ROW_CANDIDATES),
+                                                  "gradients_seconds": round(t_stats, 1),
+                                                  "table_seconds": round(rt.seconds, 1)}  # fmt: skip
+        for target in a.targets:
+            al = allocate_rows(rdmg, shapes, rt.schemes, target)
+            plan = row_plan(al, rt.schemes)
+            label = f"mixed-rows {target:g}"
+            row = run(label, plan, "mixed",
+                      {"granularity": "row", "target_bpw": target, "estimated_loss_increase": al.damage,
+                       "allocation_bpw": al.bits_per_weight, "rows_per_scheme": al.counts(),
+                       "split_linears": len(plan.row_splits), "run": m}, also_windows=table_windows if more else None)  # fmt: skip
+            if more or a.calib_seed != 0:  # the table's perplexity is on its windows; the rest goes to the re-runs
+                on_table = row.pop("perplexity_table_windows", row["perplexity"])
+                in_table = next((r["perplexity"] for r in payload["rows"] if r["label"] == label), on_table)
+                payload.setdefault("rechecks", []).append(
+                    {"label": label, "threads": torch.get_num_threads(), "calib_seed": a.calib_seed,
+                     "eval_windows": a.eval_windows, "perplexity": row["perplexity"],
+                     "perplexity_table_windows": on_table, "bits_per_weight": row["bits_per_weight"],
+                     "table_perplexity": on_table if a.calib_seed == 0 else in_table, "run": m})  # fmt: skip
+                row["perplexity"] = on_table
+            if a.calib_seed == 0:  # the table's draw: the row goes in the table (another draw is a re-run only)
+                payload["rows"] = [r for r in payload["rows"] if r["label"] != label] + [row]
         report(payload, a.out)
         return 0
 
@@ -337,8 +381,12 @@ def report(payload: dict, out: str) -> None:
             md.append(f"| {c['label']} | {c['bits_per_weight']:.4f} | {c['threads']} | {c['calib_seed']} | "
                       f"{c['perplexity_table_windows']:.3f} | {c['eval_windows']} | {more} | "
                       f"{c['table_perplexity']:.3f} |")  # fmt: skip
-    md += ["", "Allocations (number of linears per scheme):", ""]
-    md += [f"- {r['label']}: " + ", ".join(f"{k} x{v}" for k, v in r["schemes"].items()) for r in rows if r["kind"] == "mixed"]
+    md += ["", "Allocations (number of linears per scheme; for mixed-rows, output rows per scheme over all linears and "
+           "how many linears are split):", ""]  # fmt: skip
+    md += [f"- {r['label']}: " + ", ".join(f"{k} x{v}" for k, v in r["schemes"].items()) for r in rows
+           if r["kind"] == "mixed" and "schemes" in r]  # fmt: skip
+    md += [f"- {r['label']}: " + ", ".join(f"{k} {v} rows" for k, v in r["rows_per_scheme"].items())
+           + f"; {r['split_linears']} of {pr['linears']} linears split" for r in rows if "rows_per_scheme" in r]
     md += ["", f"Does the estimate predict measured damage? {len(probes)} linears (every {pr['probe_every']}th) quantized "
            f"alone to {payload['probe_scheme']} (GPTQ), log-perplexity increase measured on the first "
            f"{pr['probe_windows']} eval windows: Spearman rank correlation with the estimated loss increase = "

@@ -122,7 +122,7 @@ def plot_allocation(info: dict, out: Path) -> Path:
         rows.append(key) if key not in rows else None
         rels.append(rel) if rel not in rels else None
         bpw[key, rel] = m["bits_per_weight"]
-        label[key, rel] = m["scheme"].replace("-asym", "").replace("-clip", "").replace("int", "i")
+        label[key, rel] = m.get("short", m["scheme"]).replace("-asym", "").replace("-clip", "").replace("int", "i")
     grid = np.full((len(rows), len(rels)), np.nan)
     for (r, c), v in bpw.items():
         grid[rows.index(r), rels.index(c)] = v

@@ -81,14 +81,16 @@ def scheme_from_args(a):
 
 
 def cmd_quantize(a) -> int:
-    from .config import DEFAULT_CANDIDATES
+    from .config import DEFAULT_CANDIDATES, DEFAULT_ROW_CANDIDATES
     from .convert import convert
 
     if a.candidates is not None and a.target_bpw is None:
         raise LlmqError("--candidates is only used with --target-bpw BITS (mixed precision)")
     if a.target_bpw is not None and not 1.0 < a.target_bpw <= 16.0:
         raise LlmqError(f"--target-bpw {a.target_bpw:g}: give an average bits per weight between 1 and 16, e.g. 3.5")
-    a.candidates = a.candidates or DEFAULT_CANDIDATES
+    if a.granularity == "row" and a.target_bpw is None:
+        raise LlmqError("--granularity row is only used with --target-bpw BITS (mixed precision)")
+    a.candidates = a.candidates or (DEFAULT_ROW_CANDIDATES if a.granularity == "row" else DEFAULT_CANDIDATES)
 
     summary = convert(a)
     if a.json:
@@ -180,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "int4-g128-out0.005 (default: config.DEFAULT_CANDIDATES, 15 schemes: int2, NF3, int3, NF4 "
                         "and int8 at group sizes 32..256, +-0.5%% outliers); "
                         "--sym, --clip-search and --scale-dtype apply to each")
+    m.add_argument("--granularity", choices=("linear", "row"), default="linear",
+                   help="'linear': one scheme per linear (default); 'row': one scheme per output row, each linear "
+                        "stored as up to one piece per scheme (docs/FORMAT.md; lower perplexity at the same size "
+                        "on SmolLM2, benchmarks/results/mixed.md); default candidates then "
+                        "config.DEFAULT_ROW_CANDIDATES (int2-g32-dq, nf3-g128-dq, nf4-g128-dq, int8-g128)")
     d = q.add_argument_group("devices")
     d.add_argument("--device", default=None, help="run the active layer on this device, e.g. cuda:0 (default cpu)")
     d.add_argument("--offload-activations", action="store_true",

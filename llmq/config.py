@@ -162,11 +162,32 @@ class CalibConfig:
 
 
 @dataclass(frozen=True)
+class RowSplit:
+    """One linear quantized with several schemes, output row by output row (mixed precision per output
+    channel, llmq/allocate.py): row r uses schemes[part[r]]. Every scheme is used by at least one row."""
+
+    schemes: tuple[QuantScheme, ...]
+    part: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.schemes)
+        _check(1 <= n <= 255, f"a row split needs 1 to 255 schemes, got {n}")
+        used = set(self.part)
+        _check(used == set(range(n)), f"a row split's rows must use every one of its {n} schemes and no other "
+               f"(rows use {sorted(used)[:8]})")  # fmt: skip
+
+    def rows(self, k: int) -> list[int]:
+        """The output rows of piece k, in increasing order."""
+        return [r for r, p in enumerate(self.part) if p == k]
+
+
+@dataclass(frozen=True)
 class QuantPlan:
-    """A default scheme plus per-module overrides (exact module names)."""
+    """A default scheme plus per-module overrides (exact module names), and linears split by output row."""
 
     default: QuantScheme = field(default_factory=QuantScheme)
     overrides: dict[str, QuantScheme] = field(default_factory=dict)
+    row_splits: dict[str, RowSplit] = field(default_factory=dict)
 
     def scheme_for(self, name: str) -> QuantScheme:
         return self.overrides.get(name, self.default)
@@ -210,3 +231,6 @@ def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
 DEFAULT_CANDIDATES = ("int2-g64", "int2-g32-dq", "int2-g32", "nf3-g256-dq", "nf3-g128-dq", "nf3-g64-dq", "nf3-g32-dq",
                       "int3-g32-dq", "nf4-g128-dq", "nf4-g64-dq", "nf4-g32-dq", "nf4-g32", "int8-g128",
                       "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip
+# Candidates when schemes are chosen per output row (--granularity row): one per code width, so a linear has at most
+# 4 pieces (each piece is one kernel call); outliers are not allowed there (their count is known only after GPTQ).
+DEFAULT_ROW_CANDIDATES = ("int2-g32-dq", "nf3-g128-dq", "nf4-g128-dq", "int8-g128")

@@ -66,12 +66,13 @@ def _args_record(a, src, plan, gcfg, ccfg) -> dict:
     return {"model": str(src), "method": a.method, "scheme": plan.default.to_dict(),
             "gptq": dataclasses.asdict(gcfg) if gcfg else None, "calibration": calib, "dtype": a.dtype,
             "max_shard_size": a.max_shard_size, "device": a.device, "llmq": __version__,
-            **({"target_bpw": a.target_bpw, "candidates": list(a.candidates)} if a.target_bpw else {})}  # fmt: skip
+            **({"target_bpw": a.target_bpw, "candidates": list(a.candidates)} if a.target_bpw else {}),
+            **({"granularity": "row"} if getattr(a, "granularity", "linear") == "row" else {})}  # fmt: skip
 
 
 def _read_layer(out: Path, parts: list[str], modules: dict, plan: QuantPlan) -> dict:
     """The QuantizedWeights of a finished layer, read back from its part files."""
-    from .qtensor import QuantizedWeight
+    from .qtensor import QuantizedWeight, RowSplitWeight
 
     tensors = {}
     for p in parts:
@@ -81,7 +82,10 @@ def _read_layer(out: Path, parts: list[str], modules: dict, plan: QuantPlan) -> 
     for name, facts in modules.items():
         pre = name + "."
         own = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre) and k[len(pre):] not in ("bias", "weight")}
-        qw[name] = QuantizedWeight.from_tensors(own, facts["shape"], plan.scheme_for(name), name)
+        if name in plan.row_splits:
+            qw[name] = RowSplitWeight.from_tensors(own, facts["shape"], list(plan.row_splits[name].schemes), name)
+        else:
+            qw[name] = QuantizedWeight.from_tensors(own, facts["shape"], plan.scheme_for(name), name)
     return qw
 
 
@@ -218,6 +222,7 @@ def convert(a) -> dict:
 
 
 SENSITIVITY_NAME = "sensitivity.json"
+ROW_DAMAGE_NAME = "sensitivity_rows.safetensors"  # --granularity row: the damage of every output row
 
 
 def _mixed_plan(a, lazy, calib, gcfg, out: Path):
@@ -226,14 +231,23 @@ def _mixed_plan(a, lazy, calib, gcfg, out: Path):
     OUT/sensitivity.json; a resumed conversion reads them back instead of measuring again."""
     import json
 
-    from .allocate import allocate, plan_for
+    from .allocate import allocate, allocate_rows, plan_for, row_plan
     from .archs import decoder_layers
     from .config import scheme_from_name
     from .sensitivity import SensitivityTable, layer_stats, sensitivity_table
 
-    path = out / SENSITIVITY_NAME
-    if path.is_file():
+    rows = getattr(a, "granularity", "linear") == "row"
+    path, rows_path = out / SENSITIVITY_NAME, out / ROW_DAMAGE_NAME
+    if path.is_file() and (rows_path.is_file() or not rows):
         table = SensitivityTable.from_dict(json.loads(path.read_text())["table"])
+        if rows:
+            from safetensors.torch import load_file
+
+            flat = load_file(rows_path)
+            table.row_damage = {}
+            for key, v in flat.items():
+                lin, _, scheme = key.rpartition("/")
+                table.row_damage.setdefault(lin, {})[scheme] = v
         log.info("sensitivity: reusing %s", path)
     else:
         base = {"clip_search": a.clip_search, "scale_dtype": a.scale_dtype, "sym": a.sym}
@@ -242,13 +256,27 @@ def _mixed_plan(a, lazy, calib, gcfg, out: Path):
         for i in range(n):
             lazy.layer(i)
         stats = layer_stats(lazy.model, calib, a.quiet)
-        table = sensitivity_table(lazy.model, stats, candidates, a.method, gcfg, a.quiet)
+        table = sensitivity_table(lazy.model, stats, candidates, a.method, gcfg, a.quiet, rows=rows)
         del stats
         for i in range(n):
             lazy.release(i)
-    alloc = allocate(table.damage, table.nbytes, table.weights, a.target_bpw)
-    atomic_write_json(path, {"target_bpw": a.target_bpw, "allocation": alloc.to_dict(), "table": table.to_dict()})
-    plan = plan_for(alloc.choice, table.schemes)
+        if rows:  # before sensitivity.json: that file's presence means the measurement is complete
+            from .checkpoint import atomic_save_tensors
+
+            flat = {f"{lin}/{s}": d for lin, ds in table.row_damage.items() for s, d in ds.items()}
+            atomic_save_tensors(rows_path, flat)
+    if rows:
+        out_rows = {n: len(next(iter(ds.values()))) for n, ds in table.row_damage.items()}
+        shapes = {n: (R, table.weights[n] // R) for n, R in out_rows.items()}
+        alloc = allocate_rows({n: {s: d.numpy() for s, d in ds.items()} for n, ds in table.row_damage.items()},
+                              shapes, table.schemes, a.target_bpw)  # fmt: skip
+        record = {k: v for k, v in alloc.to_dict().items() if k not in ("names", "part")} | {"rows": alloc.counts()}
+        plan = row_plan(alloc, table.schemes)
+    else:
+        alloc = allocate(table.damage, table.nbytes, table.weights, a.target_bpw)
+        record = alloc.to_dict()
+        plan = plan_for(alloc.choice, table.schemes)
+    atomic_write_json(path, {"target_bpw": a.target_bpw, "allocation": record, "table": table.to_dict()})
     log.info("mixed precision: %.4f bits per weight (target %g), estimated loss increase %.4f nats; %s",
              alloc.bits_per_weight, a.target_bpw, alloc.damage, _counts(alloc))  # fmt: skip
     return plan, alloc
@@ -257,6 +285,8 @@ def _mixed_plan(a, lazy, calib, gcfg, out: Path):
 def _counts(alloc) -> str:
     from collections import Counter
 
+    if hasattr(alloc, "counts"):  # per row
+        return ", ".join(f"{s}: {k} rows" for s, k in alloc.counts().items())
     return ", ".join(f"{s}: {k}" for s, k in Counter(alloc.choice.values()).most_common())
 
 

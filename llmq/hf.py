@@ -26,7 +26,7 @@ from .archs import arch_for
 from .checkpoint import FORMAT_VERSION, QUANT_METHOD, SHARD_METADATA
 from .config import NF_BITS, QuantPlan, QuantScheme
 from .errors import LlmqError
-from .nn import QuantLinear
+from .nn import QuantLinear, RowSplitLinear
 
 log = logging.getLogger("llmq")
 SCHEME_KEYS = ("bits", "format", "group_size", "sym", "double_quant", "scale_dtype", "clip_search", "outliers")
@@ -167,10 +167,19 @@ class LlmqHfQuantizer(HfQuantizer):
             nnz = {n: round(s[0] * s[1] * self.plan.scheme_for(n).outliers) for n, s in shapes.items()}
             permuted = set()
         self.shapes = shapes
+        splits = rec.get("row_splits", {}) if self.pre_quantized else {}
         for name in self.targets:
             old = model.get_submodule(name)
-            q = QuantLinear.skeleton(shapes[name], self.plan.scheme_for(name), old.bias is not None,
-                                     nnz.get(name, 0), name in permuted, self.quantization_config.backend)  # fmt: skip
+            if name in splits:
+                from .modeling import split_schemes
+
+                sp = splits[name]
+                q = RowSplitLinear.skeleton(shapes[name], split_schemes(name, sp, shapes[name]), sp["rows"],
+                                            old.bias is not None, sp["outlier_nnz"], sp["permuted"],
+                                            self.quantization_config.backend)  # fmt: skip
+            else:
+                q = QuantLinear.skeleton(shapes[name], self.plan.scheme_for(name), old.bias is not None,
+                                         nnz.get(name, 0), name in permuted, self.quantization_config.backend)  # fmt: skip
             if not self.pre_quantized:
                 q.register_parameter("weight", torch.nn.Parameter(torch.empty(old.weight.shape, device="meta"),
                                                                   requires_grad=False))  # fmt: skip
@@ -189,8 +198,8 @@ class LlmqHfQuantizer(HfQuantizer):
             if "weight" in mod._parameters:
                 del mod._parameters["weight"]
             # what the loader filled carries _is_hf_initialized; a part it did not find is left uninitialised
-            missing = [k for k in mod.part_names if not getattr(getattr(mod, k), "_is_hf_initialized", False)
-                       and not getattr(mod, k).is_meta]  # fmt: skip (meta = offloaded by accelerate: loaded later)
+            missing = [k for k in mod.part_names if not getattr(mod.get_buffer(k), "_is_hf_initialized", False)
+                       and not mod.get_buffer(k).is_meta]  # fmt: skip (meta = offloaded by accelerate: loaded later)
             if missing:
                 raise LlmqError(f"{name}: tensor(s) {', '.join(name + '.' + k for k in missing)} missing from the "
                                 "checkpoint; re-copy or re-quantize the model")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import read_config, tensor_bytes
+from .config import QuantScheme
 
 
 def inspect_dir(d: Path) -> dict:
@@ -12,15 +13,24 @@ def inspect_dir(d: Path) -> dict:
     config, qc = read_config(d)
     plan = plan_from_config(qc)
     sizes = tensor_bytes(d)
+    splits = qc.get("row_splits", {})
     modules, q_bytes, q_weights = [], 0, 0
     for name in qc["quantized_modules"]:
         prefix = name + "."
-        parts = {k[len(prefix):]: v for k, v in sizes.items() if k.startswith(prefix) and "." not in k[len(prefix):]
-                 and k != qc.get("sentinel")}
+        parts = {k[len(prefix):]: v for k, v in sizes.items() if k.startswith(prefix) and k != qc.get("sentinel")
+                 and ("." not in k[len(prefix):] or (name in splits and k.startswith(prefix + "pieces.")))}
         nbytes = sum(v for k, v in parts.items() if k != "bias")
         shape = qc["shapes"][name]
         n = shape[0] * shape[1]
-        modules.append({"name": name, "scheme": plan.scheme_for(name).describe(), "shape": shape,
+        if name in splits:  # per-output-row schemes: each scheme with its share of the rows
+            sp = splits[name]
+            schemes = [QuantScheme.from_dict(x) for x in sp["schemes"]]
+            scheme = "rows: " + ", ".join(f"{s.describe()} {r}" for s, r in zip(schemes, sp["rows"]))
+            short = " ".join(f"{s.bits}b{round(100 * r / shape[0])}" for s, r in zip(schemes, sp["rows"]))
+        else:
+            scheme = plan.scheme_for(name).describe()
+            short = scheme.replace("-asym", "").replace("-clip", "")
+        modules.append({"name": name, "scheme": scheme, "short": short, "shape": shape,
                         "bytes": nbytes, "bits_per_weight": round(8 * nbytes / n, 4)})  # fmt: skip
         q_bytes += nbytes
         q_weights += n
@@ -37,18 +47,19 @@ def inspect_dir(d: Path) -> dict:
         "full_precision_bytes": fp_bytes,
         "file_bytes": file_bytes,
         "modules_not_converted": qc.get("modules_not_converted", []),
-        "mixed": bool(plan.overrides),
-        "allocation": allocation(modules) if plan.overrides else None,
+        "mixed": bool(plan.overrides or splits),
+        "allocation": allocation(modules) if plan.overrides or splits else None,
         "modules": modules,
     }
 
 
 def allocation(modules: list[dict]) -> dict:
-    """Per decoder layer: {linear (relative name): scheme}, from inspect_dir's module list."""
+    """Per decoder layer: {linear (relative name): scheme, short form (-asym/-clip omitted; a linear split by
+    output row: each code width with its percentage of the rows, e.g. '2b21 3b70 4b9')}."""
     layers: dict[str, dict[str, str]] = {}
     for m in modules:
         head, idx, rel = _split(m["name"])
-        layers.setdefault(f"{head}.{idx}" if idx is not None else head, {})[rel] = m["scheme"]
+        layers.setdefault(f"{head}.{idx}" if idx is not None else head, {})[rel] = m["short"]
     return layers
 
 
@@ -66,13 +77,12 @@ def print_allocation(info: dict) -> None:
     alloc = info["allocation"]
     rels = list(dict.fromkeys(r for row in alloc.values() for r in row))
     short = {r: r.split(".")[-1].removesuffix("_proj") for r in rels}
-    cell = {s: s.replace("-asym", "").replace("-clip", "") for row in alloc.values() for s in row.values()}
-    w = max([len(v) for v in cell.values()] + [len(v) for v in short.values()])
+    w = max([len(v) for row in alloc.values() for v in row.values()] + [len(v) for v in short.values()])
     lw = max(len(k) for k in alloc)
-    print("allocation (scheme per linear; -asym/-clip omitted):")
+    print("allocation (scheme per linear; -asym/-clip omitted; 2b21 = 21% of the rows at 2 bits):")
     print(f"{'layer':<{lw}}  " + " ".join(f"{short[r]:<{w}}" for r in rels))
     for layer, row in alloc.items():
-        print(f"{layer:<{lw}}  " + " ".join(f"{cell.get(row.get(r, '-'), '-'):<{w}}" for r in rels))
+        print(f"{layer:<{lw}}  " + " ".join(f"{row.get(r, '-'):<{w}}" for r in rels))
 
 
 def print_table(info: dict) -> None:

@@ -11,14 +11,19 @@ from .archs import arch_for
 from .checkpoint import FORMAT_VERSION, QUANT_METHOD, CheckpointReader, CheckpointWriter, read_config
 from .config import QuantPlan, QuantScheme
 from .errors import LlmqError
-from .nn import QuantLinear
-from .qtensor import QuantizedWeight
+from .nn import QuantLinear, RowSplitLinear
+from .qtensor import QuantizedWeight, RowSplitWeight
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def module_facts(qw: QuantizedWeight) -> dict:
+def module_facts(qw: QuantizedWeight | RowSplitWeight) -> dict:
     """What config.json records of one quantized module (enough to rebuild its QuantLinear skeleton)."""
+    if isinstance(qw, RowSplitWeight):
+        pieces = [module_facts(q) for q in qw.pieces]
+        split = {"schemes": [s.to_dict() for s in qw.split.schemes], "rows": [q.shape[0] for q in qw.pieces],
+                 "outlier_nnz": [f["nnz"] for f in pieces], "permuted": [f["perm"] for f in pieces]}  # fmt: skip
+        return {"shape": list(qw.shape), "nnz": 0, "perm": False, "bytes": qw.nbytes(), "split": split}
     return {"shape": list(qw.shape), "nnz": int(qw.parts["outlier_val"].numel()) if "outlier_val" in qw.parts else 0,
             "perm": qw.perm is not None, "bytes": qw.nbytes()}  # fmt: skip
 
@@ -38,7 +43,7 @@ def quantization_config(plan: QuantPlan, facts: dict[str, dict], not_converted: 
         "sentinel": f"{next(iter(facts))}.weight" if facts else None,
         "modules_not_converted": not_converted,
         "method": method,
-    }
+    } | ({"row_splits": splits} if (splits := {k: f["split"] for k, f in facts.items() if "split" in f}) else {})
 
 
 def plan_from_config(qc: dict) -> QuantPlan:
@@ -70,7 +75,7 @@ def sentinel_tensor(first_module: str) -> dict[str, torch.Tensor]:
     return {f"{first_module}.weight": torch.zeros(0, dtype=torch.uint8)}
 
 
-def stored_tensors(state: dict[str, torch.Tensor], qweights: dict[str, QuantizedWeight], dtype: torch.dtype) -> dict:
+def stored_tensors(state: dict[str, torch.Tensor], qweights: dict, dtype: torch.dtype) -> dict:
     """What the checkpoint holds for `state` (part of a state dict): quantized modules' packed parts instead
     of their weights, every other float tensor in the storage `dtype`."""
     out = {}
@@ -152,13 +157,30 @@ def load_quantized(d, dtype: torch.dtype | None = None, device: str | torch.devi
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     spec = arch_for(config)
+    splits = qc.get("row_splits", {})
     for name in qc["quantized_modules"]:
-        _install(model, name, reader, plan.scheme_for(name), qc["shapes"][name], spec.transposed, dtype, backend)
+        _install(model, name, reader, plan.scheme_for(name), qc["shapes"][name], spec.transposed, dtype, backend,
+                 splits.get(name))  # fmt: skip
     _load_rest(model, reader, set(qc["quantized_modules"]), dtype, qc.get("sentinel"))
     return model.to(device).eval()
 
 
-def _install(model, name, reader, scheme, qc_shape, transposed, dtype, backend) -> None:
+def split_schemes(name: str, rec: dict, shape) -> list[QuantScheme]:
+    """The schemes of a row-split module from its config record, checked against its row counts."""
+    schemes = [QuantScheme.from_dict(d) for d in rec["schemes"]]
+    rows = rec.get("rows", [])
+    if len(rows) != len(schemes) or sum(rows) != shape[0]:
+        raise LlmqError(f"{name}: row_splits lists {len(schemes)} schemes and rows {rows} for {shape[0]} rows; "
+                        "config.json is damaged, re-quantize")  # fmt: skip
+    return schemes
+
+
+def owned_by(key: str, quantized: set[str]) -> bool:
+    """Is checkpoint tensor `key` a stored part of a quantized module (its own, or a row-split piece's)?"""
+    return key.rpartition(".")[0] in quantized or key.split(".pieces.")[0] in quantized
+
+
+def _install(model, name, reader, scheme, qc_shape, transposed, dtype, backend, split: dict | None = None) -> None:
     try:
         mod = model.get_submodule(name)
     except AttributeError:
@@ -167,21 +189,26 @@ def _install(model, name, reader, scheme, qc_shape, transposed, dtype, backend) 
     if list(shape) != list(qc_shape):
         raise LlmqError(f"{name}: checkpoint shape {list(qc_shape)} does not match the model's {list(shape)}")
     prefix = f"{name}."
-    names = [k for k in reader.keys() if k.startswith(prefix) and "." not in k[len(prefix):] and k != f"{name}.weight"]
+    names = [k for k in reader.keys() if k.startswith(prefix) and k != f"{name}.weight"
+             and ("." not in k[len(prefix):] or (split is not None and k.startswith(f"{name}.pieces.")))]  # fmt: skip
     tensors = reader.load(names)
     parts = {k[len(prefix):]: v for k, v in tensors.items() if k != f"{name}.bias"}
-    qw = QuantizedWeight.from_tensors(parts, shape, scheme, name)
     bias = tensors.get(f"{name}.bias")
     if (bias is None) != (mod.bias is None):
         raise LlmqError(f"{name}.bias: {'missing from' if bias is None else 'unexpected in'} the checkpoint")
     parent, _, child = name.rpartition(".")
-    q = QuantLinear(qw, None if bias is None else bias.to(dtype), backend=backend)
+    bias = None if bias is None else bias.to(dtype)
+    if split is not None:
+        qw = RowSplitWeight.from_tensors(parts, shape, split_schemes(name, split, shape), name)
+        q = RowSplitLinear(qw, bias, backend=backend)
+    else:
+        q = QuantLinear(QuantizedWeight.from_tensors(parts, shape, scheme, name), bias, backend=backend)
     q.prepare(name)
     setattr(model.get_submodule(parent), child, q)
 
 
 def _load_rest(model, reader: CheckpointReader, quantized: set[str], dtype: torch.dtype, sentinel: str | None) -> None:
-    qparts = {k for k in reader.keys() if k.rpartition(".")[0] in quantized and k != sentinel}
+    qparts = {k for k in reader.keys() if owned_by(k, quantized) and k != sentinel}
     want = [k for k, v in model.state_dict().items() if k not in qparts and v.is_meta]
     available = [k for k in want if k in reader.weight_map]
     tensors = reader.load(available)

@@ -1,4 +1,5 @@
-"""QuantLinear: a linear layer whose weight is a QuantizedWeight, with backend dispatch.
+"""QuantLinear: a linear layer whose weight is a QuantizedWeight, with backend dispatch (RowSplitLinear: one
+QuantLinear per piece of a linear quantized per output row with several schemes).
 
 The packed parts are registered as buffers under their stored names (`qweight`, `scales`, ...), so the
 module's state dict is exactly the checkpoint's tensors. Backends:
@@ -16,9 +17,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .config import QuantScheme
+from .config import QuantScheme, RowSplit
 from .errors import LlmqError
-from .qtensor import QuantizedWeight
+from .qtensor import QuantizedWeight, RowSplitWeight
 
 log = logging.getLogger("llmq")
 BACKENDS = ("auto", "reference", "cpu", "triton")
@@ -155,6 +156,79 @@ class QuantLinear(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to(device) etc.: repack for the new device on next use
         out = super()._apply(fn, *args, **kwargs)
         self._packed, self.backend = {}, None
+        return out
+
+
+class RowSplitLinear(torch.nn.Module):
+    """A linear quantized per output row with several schemes (qtensor.RowSplitWeight): one QuantLinear per
+    piece; their outputs are concatenated and put back in row order with one gather."""
+
+    def __init__(self, qweight: RowSplitWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.schemes = qweight.split.schemes
+        self.pieces = torch.nn.ModuleList(QuantLinear(q, None, backend) for q in qweight.pieces)
+        self.register_buffer("row_part", qweight.row_part)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.name = ""
+        self._set_order()
+
+    @classmethod
+    def skeleton(cls, shape: tuple[int, int], schemes: list[QuantScheme], rows: list[int], bias: bool,
+                 nnz: list[int], permuted: list[bool], backend: str = "auto") -> "RowSplitLinear":  # fmt: skip
+        """An empty RowSplitLinear on the meta device (see QuantLinear.skeleton); rows[k]: rows of piece k."""
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = shape
+        self.schemes = tuple(schemes)
+        self.pieces = torch.nn.ModuleList(QuantLinear.skeleton((r, shape[1]), s, False, n, p, backend)
+                                          for s, r, n, p in zip(schemes, rows, nnz, permuted))  # fmt: skip
+        self.register_buffer("row_part", torch.empty(shape[0], dtype=torch.uint8, device="meta"))
+        self.bias = torch.nn.Parameter(torch.empty(shape[0], device="meta"), requires_grad=False) if bias else None
+        self.name, self._order = "", None
+        return self
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return ("row_part",) + tuple(f"pieces.{k}.{n}" for k, p in enumerate(self.pieces) for n in p.part_names)
+
+    def quantized_weight(self) -> RowSplitWeight:
+        split = RowSplit(self.schemes, tuple(self.row_part.tolist()))
+        return RowSplitWeight((self.out_features, self.in_features), split,
+                              [p.quantized_weight() for p in self.pieces])  # fmt: skip
+
+    def prepare(self, name: str | None = None) -> None:
+        """Prepare every piece (QuantLinear.prepare) and the row order."""
+        self.name = name or self.name
+        for k, p in enumerate(self.pieces):
+            p.prepare(f"{self.name}.pieces.{k}" if self.name else None)
+        self._set_order()
+
+    def _set_order(self) -> None:
+        if self.row_part.is_meta:
+            self._order = None
+            return
+        order = torch.argsort(self.row_part.long(), stable=True)  # position in the concatenation -> row
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(len(order), device=order.device)
+        self._order = inv  # row -> its position in the concatenated piece outputs
+
+    @property
+    def backend(self) -> str | None:
+        return "+".join(sorted({p.backend for p in self.pieces if p.backend})) or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._order is None:
+            self._set_order()
+        y = torch.cat([p(x) for p in self.pieces], -1).index_select(-1, self._order)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.quantized_weight().describe()}"
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._order = None
         return out
 
 

@@ -32,7 +32,7 @@ from .archs import ArchSpec, arch_for, decoder_layers, weight_of
 from .config import GPTQConfig, QuantPlan, QuantScheme
 from .errors import LlmqError
 from .lazy import trim_heap
-from .qtensor import QuantizedWeight
+from .qtensor import QuantizedWeight, RowSplitWeight
 
 log = logging.getLogger("llmq")
 ERR_SAMPLES = 16
@@ -44,6 +44,17 @@ class LayerReport:
     seconds: float
     rel_error: float | None = None
     modules: dict[str, float] = field(default_factory=dict)  # name -> bits per weight
+
+
+def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, name: str,
+                    cfg: GPTQConfig | None = None) -> QuantizedWeight | RowSplitWeight:  # fmt: skip
+    """One linear by the plan: GPTQ with H, or RTN when H is None; a linear the plan splits by output row is
+    quantized piece by piece (each piece's rows with its own scheme, the same H)."""
+    def one(Wp, scheme):
+        return rtn(Wp, scheme) if H is None else gptq(Wp, H, scheme, cfg or GPTQConfig(), name)
+
+    split = plan.row_splits.get(name)
+    return one(W, plan.scheme_for(name)) if split is None else RowSplitWeight.quantize(W, split, one)
 
 
 def rtn_model(model, plan: QuantPlan, quiet: bool = False) -> dict[str, QuantizedWeight]:
@@ -180,7 +191,7 @@ def rtn_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan) -> dict[str, Quant
         name = f"{spec.layers}.{i}.{rel}"
         W = weight_of(layer.get_submodule(rel), spec)
         check_finite(W, name)
-        out[name] = rtn(W, plan.scheme_for(name))
+        out[name] = quantize_linear(W, None, plan, name)
     return out
 
 
@@ -258,7 +269,7 @@ def _quantize_modules(i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
     for rel in list(Hs):
         name = f"{spec.layers}.{i}.{rel}"
         mod = mods[rel]
-        qw = gptq(weight_of(mod, spec), Hs.pop(rel), plan.scheme_for(name), cfg, name)
+        qw = quantize_linear(weight_of(mod, spec), Hs.pop(rel), plan, name, cfg)
         Wq = qw.dequantize(mod.weight.dtype).to(mod.weight.device)
         mod.weight.copy_(Wq.t() if spec.transposed else Wq)
         out[name] = qw

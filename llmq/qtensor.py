@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import QuantScheme
+from .config import QuantScheme, RowSplit
 from .errors import LlmqError
 from .formats import doublequant, grid, grouping, packing
 
@@ -216,3 +216,80 @@ def quantize_with_params(
     s = grouping.expand(eff, tuple(W.shape), scheme.group_size)
     z = None if zero is None else grouping.expand(zero, tuple(W.shape), scheme.group_size)
     return grid(scheme).encode(W, s, z, scheme), eff, stored
+
+
+@dataclass
+class RowSplitWeight:
+    """A linear weight quantized per output row with several schemes (config.RowSplit): piece k holds the
+    rows r with part[r] == k, in increasing order, as an ordinary QuantizedWeight of shape [R_k, C].
+
+    Stored as `row_part` (uint8 [R]) and each piece's tensors under `pieces.{k}.` (docs/FORMAT.md), so
+    `nbytes()` = R + the pieces' bytes."""
+
+    shape: tuple[int, int]
+    split: RowSplit
+    pieces: list[QuantizedWeight]
+
+    @classmethod
+    def quantize(cls, W: torch.Tensor, split: RowSplit, fn) -> "RowSplitWeight":
+        """W [R, C]; fn(W_rows, scheme) -> QuantizedWeight quantizes one piece (GPTQ and RTN treat rows
+        independently, so a piece is quantized exactly as those rows would be in the whole matrix, up to
+        the double-quantization blocks, which run over the piece's rows)."""
+        if len(split.part) != W.shape[0]:
+            raise LlmqError(f"row split for {W.shape[0]} rows has {len(split.part)} entries")
+        pieces = [fn(W[torch.tensor(split.rows(k))], s) for k, s in enumerate(split.schemes)]
+        return cls((W.shape[0], W.shape[1]), split, pieces)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], shape, schemes: list[QuantScheme],
+                     name: str) -> "RowSplitWeight":  # fmt: skip
+        """`tensors`: this module's stored tensors without the module prefix (row_part, pieces.K.*)."""
+        part = tensors.get("row_part")
+        if part is None:
+            raise LlmqError(f"{name}: missing tensor {name}.row_part")
+        if part.dtype != torch.uint8 or tuple(part.shape) != (shape[0],):
+            raise LlmqError(f"{name}.row_part: {part.dtype} {tuple(part.shape)}, expected uint8 ({shape[0]},)")
+        split = RowSplit(tuple(schemes), tuple(part.tolist()))
+        pieces = []
+        for k, s in enumerate(schemes):
+            pre = f"pieces.{k}."
+            own = {key[len(pre):]: v for key, v in tensors.items() if key.startswith(pre)}
+            pieces.append(QuantizedWeight.from_tensors(own, (len(split.rows(k)), shape[1]), s, f"{name}.pieces.{k}"))
+        known = {"row_part"} | {f"pieces.{k}.{n}" for k, q in enumerate(pieces) for n in q.parts}
+        extra = sorted(set(tensors) - known)
+        if extra:
+            raise LlmqError(f"{name}: unexpected tensor(s) {extra[:5]} for a split of {len(schemes)} schemes")
+        return cls(tuple(shape), split, pieces)
+
+    def validate(self, name: str) -> None:
+        for k, q in enumerate(self.pieces):
+            q.validate(f"{name}.pieces.{k}")
+            if q.shape != (len(self.split.rows(k)), self.shape[1]):
+                raise LlmqError(f"{name}.pieces.{k}: shape {q.shape}, but row_part gives it "
+                                f"{len(self.split.rows(k))} rows of {self.shape[1]}")  # fmt: skip
+
+    @property
+    def row_part(self) -> torch.Tensor:
+        return torch.tensor(self.split.part, dtype=torch.uint8)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        W = torch.empty(self.shape, dtype=dtype)
+        for k, q in enumerate(self.pieces):
+            W[torch.tensor(self.split.rows(k))] = q.dequantize(dtype)
+        return W
+
+    def nbytes(self) -> int:
+        return self.shape[0] + sum(q.nbytes() for q in self.pieces)
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes() / (self.shape[0] * self.shape[1])
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.row_part": self.row_part}
+        for k, q in enumerate(self.pieces):
+            out |= q.tensors(f"{prefix}.pieces.{k}")
+        return out
+
+    def describe(self) -> str:
+        """e.g. 'rows: int2-g32-dq 120, nf3-g128-dq 400, nf4-g128-dq 56'."""
+        return "rows: " + ", ".join(f"{s.describe()} {q.shape[0]}" for s, q in zip(self.split.schemes, self.pieces))

@@ -65,6 +65,7 @@ class SensitivityTable:
     weights: dict[str, int] = field(default_factory=dict)
     method: str = "gptq"
     seconds: float = 0.0
+    row_damage: dict[str, dict[str, torch.Tensor]] | None = None  # per output row [R] (sensitivity_table(rows=True))
 
     def to_dict(self) -> dict:
         return {"method": self.method, "seconds": round(self.seconds, 2),
@@ -143,10 +144,15 @@ def next_tokens(logits: torch.Tensor, data: torch.Tensor, fisher: str, gen: torc
     return torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen).squeeze(1)
 
 
+def damage_rows(W: torch.Tensor, W_hat: torch.Tensor, st: LayerStats) -> torch.Tensor:
+    """½ G_r (W_r − Ŵ_r) A (W_r − Ŵ_r)ᵀ for every output row r of W, Ŵ [out, in] -> [out]."""
+    D = (W - W_hat).float()
+    return 0.5 * ((D @ st.A) * D).sum(1) * st.G
+
+
 def damage(W: torch.Tensor, W_hat: torch.Tensor, st: LayerStats) -> float:
     """½ Σ_r G_r (W_r − Ŵ_r) A (W_r − Ŵ_r)ᵀ for W, Ŵ [out, in]."""
-    D = (W - W_hat).float()
-    return 0.5 * float((((D @ st.A) * D).sum(1) * st.G).sum())
+    return float(damage_rows(W, W_hat, st).sum())
 
 
 def quantize_candidate(W: torch.Tensor, st: LayerStats, scheme: QuantScheme, method: str, cfg: GPTQConfig, name: str):
@@ -154,9 +160,10 @@ def quantize_candidate(W: torch.Tensor, st: LayerStats, scheme: QuantScheme, met
 
 
 def sensitivity_table(model, stats: dict[str, LayerStats], candidates: dict[str, QuantScheme], method: str = "gptq",
-                      cfg: GPTQConfig | None = None, quiet: bool = True) -> SensitivityTable:  # fmt: skip
+                      cfg: GPTQConfig | None = None, quiet: bool = True, rows: bool = False) -> SensitivityTable:  # fmt: skip
     """Quantize every linear with every candidate scheme (`method`: "gptq" with A, or "rtn") and record the
-    estimated damage and the stored bytes."""
+    estimated damage and the stored bytes; rows=True also keeps the damage of every output row
+    (table.row_damage, for allocate.allocate_rows)."""
     if method not in ("gptq", "rtn"):
         raise LlmqError(f"method={method!r} is not supported for sensitivity; use 'gptq' or 'rtn'")
     if not candidates:
@@ -164,7 +171,7 @@ def sensitivity_table(model, stats: dict[str, LayerStats], candidates: dict[str,
     cfg = cfg or GPTQConfig()
     spec = arch_for(model.config)
     t0 = time.perf_counter()
-    table = SensitivityTable(dict(candidates), method=method)
+    table = SensitivityTable(dict(candidates), method=method, row_damage={} if rows else None)
     for name in tqdm(list(stats), desc=f"sensitivity: {len(candidates)} schemes", unit="linear", disable=quiet):
         W = weight_of(model.get_submodule(name), spec).detach().float()
         st = stats[name]
@@ -172,8 +179,11 @@ def sensitivity_table(model, stats: dict[str, LayerStats], candidates: dict[str,
         table.damage[name], table.nbytes[name] = {}, {}
         for key, scheme in candidates.items():
             qw = quantize_candidate(W, st, scheme, method, cfg, name)
-            table.damage[name][key] = damage(W, qw.dequantize(torch.float32), st)
+            d = damage_rows(W, qw.dequantize(torch.float32), st)
+            table.damage[name][key] = float(d.sum())
             table.nbytes[name][key] = qw.nbytes()
+            if rows:
+                table.row_damage.setdefault(name, {})[key] = d
     table.seconds = time.perf_counter() - t0
     log.info("sensitivity: %d linears x %d schemes in %.1fs", len(stats), len(candidates), table.seconds)
     return table

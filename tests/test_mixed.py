@@ -231,3 +231,136 @@ def test_resume_reuses_the_allocation(src, sample_text, tmp_path):
     before = (out / "sensitivity.json").read_text()
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert json.loads((out / "sensitivity.json").read_text())["allocation"] == json.loads(before)["allocation"]
+
+
+# ---- per output row (--granularity row) ----------------------------------------------------------------------
+ROW_SCHEMES = {s: scheme_from_name(s) for s in ("int2-g32", "int4-g32", "int8-g32")}
+
+
+def row_table(seed=0, shapes=((48, 64), (32, 128), (80, 64))):
+    """Row damages: each row has its own sensitivity, damage falls 4x per bit."""
+    g = torch.Generator().manual_seed(seed)
+    names = {f"l{i}": s for i, s in enumerate(shapes)}
+    dmg = {}
+    for n, (R, C) in names.items():
+        sens = torch.rand(R, generator=g).double() * 10 ** torch.randint(0, 3, (R,), generator=g).double()
+        dmg[n] = {s: (sens * 4.0 ** (-sc.bits)).numpy() for s, sc in ROW_SCHEMES.items()}
+    return dmg, names
+
+
+@pytest.mark.parametrize("target", [2.8, 3.5, 5.0, 8.4])
+def test_row_allocator_meets_budget_and_beats_per_linear(target):
+    from llmq.allocate import allocate_rows, piece_bytes
+
+    dmg, shapes = row_table()
+    a = allocate_rows(dmg, shapes, ROW_SCHEMES, target)
+    total = sum(R * C for R, C in shapes.values())
+    assert a.used_bytes <= a.budget_bytes == int(target * total / 8)
+    # the bytes are exact: the pieces' layouts for their row counts plus one index byte per row of a split linear
+    used = 0
+    for n, (R, C) in shapes.items():
+        counts = torch.bincount(torch.tensor(a.part[n]), minlength=len(a.names[n])).tolist()
+        used += sum(piece_bytes(c, C, ROW_SCHEMES[s]) for s, c in zip(a.names[n], counts))
+        used += R if len(counts) > 1 else 0
+    assert used == a.used_bytes and a.bits_per_weight == pytest.approx(8 * used / total)
+    assert a.bits_per_weight > target - 0.15  # the budget is spent, not left idle
+    # choosing per row can only do better than per linear at the same budget (here: strictly)
+    per_lin = allocate({n: {s: float(d.sum()) for s, d in ds.items()} for n, ds in dmg.items()},
+                       {n: {s: piece_bytes(R, C, sc) for s, sc in ROW_SCHEMES.items()} for n, (R, C) in shapes.items()},
+                       {n: R * C for n, (R, C) in shapes.items()}, target)  # fmt: skip
+    assert a.damage < per_lin.damage
+
+
+def test_row_allocator_prefers_sensitive_rows_and_rejects_small_budgets():
+    from llmq.allocate import allocate_rows
+
+    R, C = 64, 64
+    sens = torch.ones(R, dtype=torch.float64)
+    sens[:8] = 1000.0  # 8 very sensitive rows
+    dmg = {"l": {s: (sens * 4.0 ** (-sc.bits)).numpy() for s, sc in ROW_SCHEMES.items()}}
+    a = allocate_rows(dmg, {"l": (R, C)}, ROW_SCHEMES, 3.3)  # int2 everywhere: 2.71, + 1 index byte per row
+    bits = [ROW_SCHEMES[a.names["l"][k]].bits for k in a.part["l"]]
+    assert min(bits[:8]) > max(bits[8:])
+    with pytest.raises(LlmqError, match="below the smallest candidate mix"):
+        allocate_rows(dmg, {"l": (R, C)}, ROW_SCHEMES, 2.0)
+    with pytest.raises(LlmqError, match="outliers are not supported"):
+        allocate_rows({"l": {"o": dmg["l"]["int4-g32"]}}, {"l": (R, C)}, {"o": scheme_from_name("int4-g32-out0.01")}, 5)
+
+
+def test_row_split_weight_is_its_pieces_and_runs():
+    from llmq.algorithms.rtn import rtn
+    from llmq.config import RowSplit
+    from llmq.nn import RowSplitLinear
+    from llmq.qtensor import RowSplitWeight
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 96, generator=g)
+    part = tuple(int(x) for x in torch.randint(0, 3, (40,), generator=g))
+    split = RowSplit(tuple(ROW_SCHEMES.values()), part)
+    qw = RowSplitWeight.quantize(W, split, rtn)
+    Wd = qw.dequantize()
+    for k, s in enumerate(split.schemes):
+        rows = torch.tensor(split.rows(k))
+        assert torch.equal(Wd[rows], rtn(W[rows], s).dequantize())
+    assert qw.nbytes() == 40 + sum(q.nbytes() for q in qw.pieces)
+    back = RowSplitWeight.from_tensors({k.removeprefix("m."): v for k, v in qw.tensors("m").items()}, (40, 96),
+                                       list(split.schemes), "m")  # fmt: skip
+    assert torch.equal(back.dequantize(), Wd)
+    x = torch.randn(3, 96, generator=g)
+    bias = torch.randn(40, generator=g)
+    lin = RowSplitLinear(qw, bias, backend="reference")
+    assert torch.allclose(lin(x), torch.nn.functional.linear(x, Wd, bias), atol=1e-5)
+    with pytest.raises(LlmqError, match="must use every one"):
+        RowSplit(tuple(ROW_SCHEMES.values()), (0, 2, 2))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_cli_granularity_row(src, sample_text, tmp_path, method, capsys):
+    out = tmp_path / "rows"
+    args = ["quantize", str(src), str(out), "--method", method, "--target-bpw", "3.5", "--granularity", "row",
+            "--candidates", "int2-g32,int4-g32,int8-g32", "--calib", str(sample_text), "--nsamples", "4",
+            "--seqlen", "32", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["mixed"] and 3.3 < info["bits_per_weight"] <= 3.5
+    assert any(m["scheme"].startswith("rows: ") for m in info["modules"])
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert sens["allocation"]["bits_per_weight"] == pytest.approx(info["bits_per_weight"], abs=1e-4)
+    assert (out / "sensitivity_rows.safetensors").is_file()
+    assert main(["inspect", str(out)]) == 0
+    assert "2b" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    from llmq.nn import RowSplitLinear
+
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    ref = llmq.load_quantized(out, backend="reference")
+    assert any(isinstance(m, RowSplitLinear) for m in ref.modules())
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    llmq.set_backend(hf, "reference")
+    assert torch.equal(hf(ids).logits, ref(ids).logits)
+    llmq.set_backend(hf, "auto")
+    auto, ref_logits = hf(ids).logits, ref(ids).logits
+    assert ((auto - ref_logits).norm() / ref_logits.norm()) < 1e-2
+    assert main(["quantize", str(src), str(tmp_path / "x"), "--granularity", "row", "--quiet"]) == 2
+    assert "only used with --target-bpw" in capsys.readouterr().err
+
+
+def test_resume_with_row_granularity(src, sample_text, tmp_path):
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "llmq", "quantize", str(src), str(out), "--quiet", "--target-bpw", "3.2",
+           "--granularity", "row", "--candidates", "int2-g32,int4-g32,int8-g32", "--calib", str(sample_text),
+           "--nsamples", "4", "--seqlen", "32"]  # fmt: skip
+    r = subprocess.run(cmd, env={**__import__("os").environ, "LLMQ_TEST_KILL_AFTER_LAYER": "0"}, capture_output=True)
+    assert r.returncode != 0 and (out / "sensitivity_rows.safetensors").is_file()
+    before = json.loads((out / "sensitivity.json").read_text())["allocation"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "sensitivity.json").read_text())["allocation"] == before
+    whole = tmp_path / "whole"
+    assert subprocess.run([*cmd[:5], str(whole), *cmd[6:]], capture_output=True).returncode == 0
+    a, b = llmq.load_quantized(out, backend="reference"), llmq.load_quantized(whole, backend="reference")
+    ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a(ids).logits, b(ids).logits)
