@@ -159,14 +159,11 @@ def main() -> int:
         cands = {n: scheme_from_name(n, clip_search=True) for n in DEFAULT_ROW_CANDIDATES}
         rt = sensitivity_table(fp_model, stats, cands, "gptq", gcfg, quiet=False, rows=True)
         del stats
-        shapes = {n: (len(d[DEFAULT_ROW_CANDIDATES[0]]), rt.weights[n] // len(d[DEFAULT_ROW_CANDIDATES[0]]))
-                  for n, d in rt.row_damage.items()}  # fmt: skip
-        rdmg = {n: {s: d.numpy() for s, d in ds.items()} for n, ds in rt.row_damage.items()}
         payload["protocol"]["row_sensitivity"] = {"candidates": list(DEFAULT_ROW_CANDIDATES),
                                                   "gradients_seconds": round(t_stats, 1),
                                                   "table_seconds": round(rt.seconds, 1)}  # fmt: skip
         for target in a.targets:
-            al = allocate_rows(rdmg, shapes, rt.schemes, target)
+            al = allocate_rows(rt.row_damage, rt.row_shapes(), rt.schemes, target)
             plan = row_plan(al, rt.schemes)
             label = f"mixed-rows {target:g}"
             row = run(label, plan, "mixed",

@@ -151,11 +151,12 @@ def piece_bytes(rows: int, cols: int, scheme) -> int:
     return sum(math.prod(shp) * dtype.itemsize for dtype, shp in expected_layout((rows, cols), scheme).values())
 
 
-def allocate_rows(row_damage: dict[str, dict[str, np.ndarray]], shapes: dict[str, tuple[int, int]], schemes: dict,
+def allocate_rows(row_damage: dict[str, dict], shapes: dict[str, tuple[int, int]], schemes: dict,
                   target_bpw: float, iters: int = 50) -> RowAllocation:  # fmt: skip
     """One scheme per *output row*: minimise Σ_rows damage subject to the stored bytes ≤ target_bpw · weights / 8.
 
-    row_damage[linear][scheme] = the estimated damage of each row [R] (llmq.sensitivity keeps them: the
+    row_damage[linear][scheme] = the estimated damage of each row [R], array or CPU tensor (llmq.sensitivity
+    keeps them, SensitivityTable.row_shapes gives `shapes`: the
     estimate is a sum over rows, and GPTQ quantizes rows independently); schemes: name -> QuantScheme.
     Lagrangian relaxation: for a price λ every row takes argmin damage + λ · (its share of the scheme's
     bytes); λ is bisected until the *exact* bytes fit — each linear's pieces counted with

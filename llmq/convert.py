@@ -266,10 +266,7 @@ def _mixed_plan(a, lazy, calib, gcfg, out: Path):
             flat = {f"{lin}/{s}": d for lin, ds in table.row_damage.items() for s, d in ds.items()}
             atomic_save_tensors(rows_path, flat)
     if rows:
-        out_rows = {n: len(next(iter(ds.values()))) for n, ds in table.row_damage.items()}
-        shapes = {n: (R, table.weights[n] // R) for n, R in out_rows.items()}
-        alloc = allocate_rows({n: {s: d.numpy() for s, d in ds.items()} for n, ds in table.row_damage.items()},
-                              shapes, table.schemes, a.target_bpw)  # fmt: skip
+        alloc = allocate_rows(table.row_damage, table.row_shapes(), table.schemes, a.target_bpw)
         record = {k: v for k, v in alloc.to_dict().items() if k not in ("names", "part")} | {"rows": alloc.counts()}
         plan = row_plan(alloc, table.schemes)
     else:

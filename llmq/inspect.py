@@ -8,7 +8,7 @@ from .config import QuantScheme
 
 
 def inspect_dir(d: Path) -> dict:
-    from .modeling import plan_from_config
+    from .modeling import module_keys, plan_from_config
 
     config, qc = read_config(d)
     plan = plan_from_config(qc)
@@ -17,8 +17,7 @@ def inspect_dir(d: Path) -> dict:
     modules, q_bytes, q_weights = [], 0, 0
     for name in qc["quantized_modules"]:
         prefix = name + "."
-        parts = {k[len(prefix):]: v for k, v in sizes.items() if k.startswith(prefix) and k != qc.get("sentinel")
-                 and ("." not in k[len(prefix):] or (name in splits and k.startswith(prefix + "pieces.")))}
+        parts = {k[len(prefix):]: sizes[k] for k in module_keys(name, sizes, name in splits)}
         nbytes = sum(v for k, v in parts.items() if k != "bias")
         shape = qc["shapes"][name]
         n = shape[0] * shape[1]

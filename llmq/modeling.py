@@ -175,6 +175,14 @@ def split_schemes(name: str, rec: dict, shape) -> list[QuantScheme]:
     return schemes
 
 
+def module_keys(name: str, keys, split: bool) -> list[str]:
+    """The checkpoint keys that belong to quantized module `name` (its parts and bias; a row-split module's
+    pieces too), leaving out the sentinel under `name.weight` and any child module's tensors."""
+    prefix = f"{name}."
+    return [k for k in keys if k.startswith(prefix) and k != f"{name}.weight"
+            and ("." not in k[len(prefix):] or (split and k.startswith(f"{prefix}pieces.")))]  # fmt: skip
+
+
 def owned_by(key: str, quantized: set[str]) -> bool:
     """Is checkpoint tensor `key` a stored part of a quantized module (its own, or a row-split piece's)?"""
     return key.rpartition(".")[0] in quantized or key.split(".pieces.")[0] in quantized
@@ -189,9 +197,7 @@ def _install(model, name, reader, scheme, qc_shape, transposed, dtype, backend, 
     if list(shape) != list(qc_shape):
         raise LlmqError(f"{name}: checkpoint shape {list(qc_shape)} does not match the model's {list(shape)}")
     prefix = f"{name}."
-    names = [k for k in reader.keys() if k.startswith(prefix) and k != f"{name}.weight"
-             and ("." not in k[len(prefix):] or (split is not None and k.startswith(f"{name}.pieces.")))]  # fmt: skip
-    tensors = reader.load(names)
+    tensors = reader.load(module_keys(name, reader.keys(), split is not None))
     parts = {k[len(prefix):]: v for k, v in tensors.items() if k != f"{name}.bias"}
     bias = tensors.get(f"{name}.bias")
     if (bias is None) != (mod.bias is None):

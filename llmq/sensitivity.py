@@ -67,6 +67,11 @@ class SensitivityTable:
     seconds: float = 0.0
     row_damage: dict[str, dict[str, torch.Tensor]] | None = None  # per output row [R] (sensitivity_table(rows=True))
 
+    def row_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of every linear with row damages (allocate.allocate_rows's `shapes`)."""
+        rows = {n: len(next(iter(ds.values()))) for n, ds in (self.row_damage or {}).items()}
+        return {n: (R, self.weights[n] // R) for n, R in rows.items()}
+
     def to_dict(self) -> dict:
         return {"method": self.method, "seconds": round(self.seconds, 2),
                 "schemes": {k: s.to_dict() for k, s in self.schemes.items()}, "weights": self.weights,
