@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
-from llmq.convert import peak_rss_mb  # noqa: F401  (re-exported for the benchmark scripts)
+from llmq.summary import peak_rss_mb  # noqa: F401  (re-exported for the benchmark scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -87,7 +87,7 @@ def matmul_table(repeats: int = 20) -> list[dict]:
     from torch.utils.benchmark import Timer
 
     from llmq.algorithms.rtn import rtn
-    from llmq.backends import cpu_matmul, repack_int4, repack_int8
+    from llmq.backends.cpu import matmul as cpu_matmul, repack_int4, repack_int8
     from llmq.config import QuantScheme
 
     rows = []

@@ -52,7 +52,7 @@ def peak_gbps() -> tuple[float, str]:
 
 def layer(N: int, K: int, scheme):
     from llmq.algorithms.rtn import rtn
-    from llmq.kernels import repack_for_triton
+    from llmq.backends.triton import repack as repack_for_triton
 
     W = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
     qw = rtn(W.float(), scheme)
@@ -62,7 +62,7 @@ def layer(N: int, K: int, scheme):
 def bench_shape(N, K, ms, scheme, peak):
     from triton.testing import do_bench
 
-    from llmq.kernels import triton_matmul
+    from llmq.backends.triton import matmul as triton_matmul
 
     W, qw, packed = layer(N, K, scheme)
     q_bytes = sum(v.numel() * v.element_size() for v in packed["triton"].tensors().values())

@@ -72,7 +72,7 @@ def generate(d: Path, layers: int) -> int:
 
 
 def baseline_rss_mb() -> float:
-    code = "import torch, transformers, llmq; from llmq.convert import peak_rss_mb; print(peak_rss_mb())"
+    code = "import torch, transformers, llmq; from llmq.summary import peak_rss_mb; print(peak_rss_mb())"
     return float(subprocess.check_output([sys.executable, "-c", code], text=True).strip().splitlines()[-1])
 
 

@@ -69,7 +69,7 @@ def configs() -> list[tuple[str, str, QuantScheme, GPTQConfig | None]]:
 
 def payload_bytes(model, qweights) -> int:
     """Bytes the checkpoint's tensors hold: quantized parts + everything else in fp16."""
-    from llmq.modeling import checkpoint_tensors
+    from llmq.codec import checkpoint_tensors
 
     return sum(t.numel() * t.element_size() for chunk in checkpoint_tensors(model, qweights, torch.float16)
                for t in chunk.values())  # fmt: skip

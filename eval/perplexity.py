@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llmq.calibration import tokenize_text
+from llmq.data import load_text
 from llmq.errors import LlmqError
 
 
@@ -80,9 +82,6 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, stride: int | No
 def perplexity_of_model(model, tokenizer, source: str | None, split: str = "test", seqlen: int = 2048,
                         max_tokens: int | None = None, **kw) -> dict:  # fmt: skip
     """Convenience: load the text, tokenize it, score the first `max_tokens` tokens (None = all)."""
-    from llmq.calibration import tokenize_text
-    from llmq.data import load_text
-
     text, _ = load_text(source, split)
     tokens = tokenize_text(tokenizer, text)
     max_windows = max_tokens // seqlen if max_tokens else None

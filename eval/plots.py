@@ -11,19 +11,20 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from llmq import codec, record, sources
+from llmq.archs import arch_for, weight_of
+from llmq.checkpoint import CheckpointReader
 from llmq.errors import LlmqError
+from llmq.formats import grouping
+from llmq.inspect import split_name
 
 
 def original_weight(source: str, name: str) -> torch.Tensor:
     """The full-precision weight [out, in] of module `name` in the source model."""
-    from llmq import sources
-    from llmq.archs import arch_for, weight_of
-
     src = sources.resolve(source)
     if src.kind == "dir":
-        from safetensors import safe_open
-
         for f in sorted(Path(src.path).glob("*.safetensors")):
             with safe_open(f, "pt") as st:
                 if f"{name}.weight" in st.keys():
@@ -39,21 +40,17 @@ def plot_layer(d: Path, name: str, out: Path, source: str | None = None) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llmq.checkpoint import CheckpointReader, read_config
-    from llmq.formats import grouping
-    from llmq.formats import nf
-    from llmq.modeling import plan_from_config
-    from llmq.qtensor import QuantizedWeight
-
-    _, qc = read_config(d)
-    if name not in qc["quantized_modules"]:
-        close = [m for m in qc["quantized_modules"] if name in m][:5]
+    _, rec = record.read(d)
+    if name not in rec.modules:
+        close = [m for m in rec.modules if name in m][:5]
         raise LlmqError(f"{name!r} is not a quantized module of {d}" + (f"; did you mean {close}?" if close else ""))
-    scheme = plan_from_config(qc).scheme_for(name)
+    m = rec.modules[name]
+    if m.split:
+        raise LlmqError(f"{name} is quantized per output row with {len(m.pieces)} schemes ({m.describe()}); --plot "
+                        "shows a module quantized whole")  # fmt: skip
+    scheme = m.scheme
     reader = CheckpointReader(d)
-    prefix = name + "."
-    parts = reader.load([k for k in reader.keys() if k.startswith(prefix) and not k.endswith(".bias")])
-    qw = QuantizedWeight.from_tensors({k[len(prefix):]: v for k, v in parts.items()}, qc["shapes"][name], scheme, name)
+    qw = codec.decode(m, reader.load(codec.module_keys(m, reader.keys())))
     if source is None:
         summary = d / "summary.json"
         if not summary.is_file():
@@ -66,8 +63,9 @@ def plot_layer(d: Path, name: str, out: Path, source: str | None = None) -> Path
     Wh = qw.dequantize_stored()
     s = grouping.expand(qw.scales(), shape, scheme.group_size)
     z = qw.zeros()
-    if scheme.format != "int":
-        u, grid, unit = W / s, nf.codebook(scheme).tolist(), f"w / absmax ({scheme.format.upper()} codebook)"
+    book = scheme.number_format.codebook
+    if book is not None:
+        u, grid, unit = W / s, sorted(set(book.tolist())), f"w / absmax ({scheme.format.upper()} codebook)"
     else:
         zz = grouping.expand(z, shape, scheme.group_size) if z is not None else 2 ** (scheme.bits - 1)
         u, grid, unit = W / s + zz, list(range(scheme.maxq + 1)), "w / scale + zero (integer codes)"
@@ -113,11 +111,9 @@ def plot_allocation(info: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from llmq.inspect import _split
-
     rows, rels, bpw, label = [], [], {}, {}
     for m in info["modules"]:
-        head, idx, rel = _split(m["name"])
+        head, idx, rel = split_name(m["name"])
         key = f"{idx}" if idx is not None else head
         rows.append(key) if key not in rows else None
         rels.append(rel) if rel not in rels else None

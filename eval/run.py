@@ -2,37 +2,34 @@
 from __future__ import annotations
 
 import datetime
-import json
-import platform
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
+from llmq import record, sources
+from llmq.calibration import tokenize_text
+from llmq.data import load_text
+from llmq.dtypes import DTYPES
 from llmq.errors import LlmqError
+from llmq.inspect import inspect_dir
+from llmq.modeling import load_quantized
+from llmq.summary import machine, peak_rss_mb, versions
 
 from .perplexity import perplexity, text_sha256
 
 
 def open_model(spec: str, device: str, dtype: torch.dtype | None):
     """(model, tokenizer, facts about the model) for an llmq checkpoint dir or anything `sources` opens."""
-    from llmq import sources
-    from llmq.checkpoint import is_llmq_dir
-
     p = Path(spec)
-    if p.is_dir() and is_llmq_dir(p):
-        from transformers import AutoTokenizer
-
-        from llmq.inspect import inspect_dir
-        from llmq.modeling import load_quantized
-
+    if p.is_dir() and record.is_llmq_dir(p):
         info = inspect_dir(p)
         model = load_quantized(p, dtype=dtype, device=device)
         try:
             tok = AutoTokenizer.from_pretrained(p)
         except (OSError, ValueError) as e:
             raise LlmqError(f"{p}: no tokenizer in the checkpoint dir ({str(e).splitlines()[0]})") from None
-        qc = json.loads((p / "config.json").read_text())["quantization_config"]
-        method = qc.get("method") or {}
+        method = record.read(p)[1].method
         mixed = "mixed" in method  # per-module schemes chosen by llmq quantize --target-bpw
         facts = {"kind": "llmq", "method": "mixed" if mixed else method.get("name"),
                  "scheme": f"mixed ({method.get('name')})" if mixed else info["default_scheme"],
@@ -52,11 +49,6 @@ def open_model(spec: str, device: str, dtype: torch.dtype | None):
 
 
 def evaluate(a) -> dict:
-    from llmq.calibration import tokenize_text
-    from llmq.convert import peak_rss_mb, versions
-    from llmq.data import load_text
-    from llmq.modeling import DTYPES
-
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     text, where = load_text(a.dataset, a.split)  # a bad dataset fails before the model loads
     model, tok, facts = open_model(a.model, device, DTYPES.get(a.dtype) if a.dtype else None)
@@ -72,7 +64,7 @@ def evaluate(a) -> dict:
                      "batch_size": a.batch_size, "definition": "exp(mean NLL over all scored tokens)"},
         **r, "device": str(device), "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-        "versions": versions(), "machine": platform.platform(),
+        "versions": versions(), "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
     return record

@@ -40,7 +40,8 @@ def main() -> int:
         return 2
 
     import llmq
-    from llmq.cli import human_bytes, main as cli
+    from llmq.cli import main as cli
+    from llmq.summary import human_bytes
     from llmq.inspect import inspect_dir
 
     args = ["quantize", a.model, a.out, "--bits", "4", "--group-size", "128", "--overwrite", "--method", a.method]

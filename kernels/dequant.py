@@ -8,7 +8,7 @@ indices, masks for the edges):
   s_ptr      scales [G, N] (any float dtype) — or, with DQ, scales_q uint8 [G, N]
   step_ptr, off_ptr  fp32 [G, NB] double-quant step / offset (DQ only; NB = ceil(N / 256))
   z_ptr      uint8 [G, N] zero points (HAS_ZEROS only)
-  cb_ptr     fp32 [4, 8 or 16] codebook, NF2, NF3 or NF4 (NF only)
+  cb_ptr     fp32 [2**BITS] the format's codebook, code -> value (LUT only: codebook formats)
 GROUP (constexpr) is the group length L; when it is a multiple of BLOCK_K (and blocks start on multiples of
 BLOCK_K) a tile lies in one group and its scales are one row [BLOCK_N], else they are gathered per k.
 """
@@ -21,7 +21,7 @@ import triton.language as tl
 @triton.jit
 def dequant_tile(qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_k, offs_n, k0, K, N, NB, zero_sym,
                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, DQ: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr, NF: tl.constexpr):  # fmt: skip
+                 HAS_ZEROS: tl.constexpr, LUT: tl.constexpr):  # fmt: skip
     PER: tl.constexpr = 32 // BITS
     mask_k = offs_k < K
     mask_n = offs_n < N
@@ -43,7 +43,7 @@ def dequant_tile(qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_k, offs_n
         s = tl.load(off_ptr + bidx, mask=pmask, other=0) + tl.load(step_ptr + bidx, mask=pmask, other=0) * sq
     else:
         s = tl.load(s_ptr + pidx, mask=pmask, other=0).to(tl.float32)
-    if NF:
+    if LUT:
         w = tl.load(cb_ptr + q) * s
     else:
         if HAS_ZEROS:
@@ -57,14 +57,14 @@ def dequant_tile(qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_k, offs_n
 @triton.jit
 def dot_block(acc, x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_m, offs_n, k0, M, K, N, NB, zero_sym,
               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, DQ: tl.constexpr,
-              HAS_ZEROS: tl.constexpr, NF: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+              HAS_ZEROS: tl.constexpr, LUT: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """acc [BLOCK_M, BLOCK_N] fp32 += x[offs_m, k0:k0+BLOCK_K] @ W[k0:k0+BLOCK_K, offs_n] (dequantized here).
     IEEE: multiply in fp32 without TF32 (fp32 activations)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
                 other=0.0)  # fmt: skip
     w = dequant_tile(qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_k, offs_n, k0, K, N, NB, zero_sym,
-                     BITS, GROUP, BLOCK_K, DQ, HAS_ZEROS, NF)  # fmt: skip
+                     BITS, GROUP, BLOCK_K, DQ, HAS_ZEROS, LUT)  # fmt: skip
     if IEEE:
         acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
     else:

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_inputs
 from .dequant import dot_block
 from .layout import TritonWeight, ieee_dot
 
@@ -33,7 +34,7 @@ def autotune_configs() -> list[triton.Config]:
 @triton.jit
 def _gemm_kernel(x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, y_ptr, M, N, K, NB, zero_sym,
                  BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                 NF: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 LUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -48,12 +49,12 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, y_ptr, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         acc = dot_block(acc, x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_m, offs_n, k0, M, K, N, NB,
-                        zero_sym, BITS, GROUP, BLOCK_K, DQ, HAS_ZEROS, NF, IEEE)  # fmt: skip
+                        zero_sym, BITS, GROUP, BLOCK_K, DQ, HAS_ZEROS, LUT, IEEE)  # fmt: skip
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))  # fmt: skip
 
 
-_tuned = triton.autotune(configs=autotune_configs(), key=["M", "N", "K", "BITS", "GROUP", "DQ", "NF"])(_gemm_kernel)
+_tuned = triton.autotune(configs=autotune_configs(), key=["M", "N", "K", "BITS", "GROUP", "DQ", "LUT"])(_gemm_kernel)
 
 
 def kernel_args(tw: TritonWeight) -> tuple[list, dict]:
@@ -64,14 +65,12 @@ def kernel_args(tw: TritonWeight) -> tuple[list, dict]:
             tw.zeros if tw.zeros is not None else dummy, tw.codebook if tw.codebook is not None else dummy]  # fmt: skip
     nb = tw.dq_step.shape[1] if tw.dq_step is not None else 1
     consts = {"BITS": tw.bits, "GROUP": tw.group_len, "DQ": tw.scales_q is not None,
-              "HAS_ZEROS": tw.zeros is not None, "NF": tw.nf}  # fmt: skip
+              "HAS_ZEROS": tw.zeros is not None, "LUT": tw.lut}  # fmt: skip
     return ptrs + [nb, tw.zero_sym], consts
 
 
 def gemm(x: torch.Tensor, tw: TritonWeight, config: dict | None = None) -> torch.Tensor:
     """x [M, K] -> y [M, N] (x.dtype). `config` fixes the tile (tests); default: autotuned."""
-    from . import check_inputs
-
     check_inputs(x, tw)
     M, K = x.shape
     y = torch.empty(M, tw.N, dtype=x.dtype, device=x.device)

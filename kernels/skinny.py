@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_inputs
 from .dequant import dot_block
 from .gemm import kernel_args
-from .layout import ieee_dot
-from .layout import TritonWeight
+from .layout import TritonWeight, ieee_dot
 
 MAX_M = 16
 
@@ -42,7 +42,7 @@ def _zero_output(nargs):
 @triton.jit
 def _skinny_kernel(x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, acc_ptr, M, N, K, NB, zero_sym,
                    BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                   NF: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   LUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SPLIT_K: tl.constexpr):  # fmt: skip
     BLOCK_M: tl.constexpr = 16
     pid_n = tl.program_id(0)
@@ -52,7 +52,7 @@ def _skinny_kernel(x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, acc_p
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         acc = dot_block(acc, x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, offs_m, offs_n, k0, M, K, N, NB,
-                        zero_sym, BITS, GROUP, BLOCK_K, DQ, HAS_ZEROS, NF, IEEE)  # fmt: skip
+                        zero_sym, BITS, GROUP, BLOCK_K, DQ, HAS_ZEROS, LUT, IEEE)  # fmt: skip
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
     if SPLIT_K == 1:
@@ -61,13 +61,11 @@ def _skinny_kernel(x_ptr, qw_ptr, s_ptr, step_ptr, off_ptr, z_ptr, cb_ptr, acc_p
         tl.atomic_add(ptrs, acc, mask=mask)
 
 
-_tuned = triton.autotune(configs=autotune_configs(), key=["M", "N", "K", "BITS", "GROUP", "DQ", "NF"])(_skinny_kernel)
+_tuned = triton.autotune(configs=autotune_configs(), key=["M", "N", "K", "BITS", "GROUP", "DQ", "LUT"])(_skinny_kernel)
 
 
 def skinny(x: torch.Tensor, tw: TritonWeight, config: dict | None = None) -> torch.Tensor:
     """x [M <= 16, K] -> y [M, N] (x.dtype). `config` fixes BLOCK_N/BLOCK_K/SPLIT_K (tests); default: autotuned."""
-    from . import check_inputs
-
     check_inputs(x, tw)
     M, K = x.shape
     if M > MAX_M:

@@ -1,28 +1,17 @@
-"""llmq: weight-only quantization of Hugging Face causal LMs (GPTQ / RTN, int2-8 and NF4)."""
-__version__ = "0.1.0"
+"""llmq: weight-only quantization of Hugging Face causal LMs (GPTQ / RTN; integer grids and codebooks).
 
-from .config import CalibConfig, GPTQConfig, QuantPlan, QuantScheme, RowSplit  # noqa: E402
-from .errors import LlmqError  # noqa: E402
-from .qtensor import QuantizedWeight, RowSplitWeight  # noqa: E402
-from .hf import LlmqConfig, compile_decoding  # noqa: E402  (registers quant_method "llmq" with transformers)
+`import llmq` registers quant_method "llmq" with transformers (llmq/hf.py), so that `from_pretrained` loads llmq
+checkpoints and `LlmqConfig` quantizes at load time.
+"""
+from .version import __version__
+from .config import CalibConfig, GPTQConfig, MixedConfig, QuantPlan, QuantScheme, RowSplit
+from .errors import LlmqError
+from .qtensor import QuantizedWeight, RowSplitWeight
+from .hf import LlmqConfig, compile_decoding
+from .modeling import fake_quantize, load_quantized, save_quantized
+from .nn import set_backend
+from .pipeline import quantize
 
-
-def __getattr__(name):  # heavy imports (transformers) only when used
-    if name in ("load_quantized", "save_quantized", "fake_quantize"):
-        from . import modeling
-
-        return getattr(modeling, name)
-    if name == "set_backend":
-        from .nn import set_backend
-
-        return set_backend
-    if name in ("quantize",):
-        from . import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module 'llmq' has no attribute {name!r}")
-
-
-__all__ = ["LlmqConfig", "QuantScheme", "GPTQConfig", "CalibConfig", "QuantPlan", "RowSplit", "QuantizedWeight",
-           "RowSplitWeight", "LlmqError", "load_quantized", "save_quantized", "fake_quantize", "quantize", "set_backend",
-           "compile_decoding"]  # fmt: skip
+__all__ = ["__version__", "LlmqConfig", "QuantScheme", "GPTQConfig", "CalibConfig", "MixedConfig", "QuantPlan",
+           "RowSplit", "QuantizedWeight", "RowSplitWeight", "LlmqError", "load_quantized", "save_quantized",
+           "fake_quantize", "quantize", "set_backend", "compile_decoding"]  # fmt: skip

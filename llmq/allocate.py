@@ -14,12 +14,15 @@ Lagrangian price on bytes bisected until the exact stored bytes of the row-split
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from functools import cache, reduce
 
 import numpy as np
 
+from .config import QuantPlan, RowSplit
 from .errors import LlmqError
+from .qtensor import expected_layout, layout_nbytes
 
 
 @dataclass
@@ -143,12 +146,10 @@ class RowAllocation:
 @cache
 def piece_bytes(rows: int, cols: int, scheme) -> int:
     """Exact stored bytes of `rows` rows of a [*, cols] weight under `scheme` (qtensor.expected_layout)."""
-    from .qtensor import expected_layout
-
     if scheme.outliers:
         raise LlmqError(f"scheme {scheme.describe()}: outliers are not supported when schemes are chosen per "
                         "output row (their count is not known before quantizing); drop it from --candidates")  # fmt: skip
-    return sum(math.prod(shp) * dtype.itemsize for dtype, shp in expected_layout((rows, cols), scheme).values())
+    return layout_nbytes(expected_layout((rows, cols), scheme))
 
 
 def allocate_rows(row_damage: dict[str, dict], shapes: dict[str, tuple[int, int]], schemes: dict,
@@ -209,13 +210,9 @@ def allocate_rows(row_damage: dict[str, dict], shapes: dict[str, tuple[int, int]
     return RowAllocation(out_names, out_part, 8 * used / total_w, dmg, budget, int(used))
 
 
-def row_plan(alloc: RowAllocation, schemes: dict) -> "QuantPlan":
+def row_plan(alloc: RowAllocation, schemes: dict) -> QuantPlan:
     """A QuantPlan for a row allocation: a linear whose rows all use one scheme gets it as an override (or as
     the default, the most common one); the others are split by row (config.RowSplit)."""
-    from collections import Counter
-
-    from .config import QuantPlan, RowSplit
-
     whole = {n: ns[0] for n, ns in alloc.names.items() if len(ns) == 1}
     default = Counter(whole.values()).most_common(1)[0][0] if whole else next(iter(alloc.names.values()))[0]
     splits = {n: RowSplit(tuple(schemes[s] for s in ns), tuple(alloc.part[n]))
@@ -223,28 +220,8 @@ def row_plan(alloc: RowAllocation, schemes: dict) -> "QuantPlan":
     return QuantPlan(schemes[default], {n: schemes[s] for n, s in whole.items() if s != default}, splits)
 
 
-def plan_for(choice: dict[str, str], schemes: dict) -> "QuantPlan":
+def plan_for(choice: dict[str, str], schemes: dict) -> QuantPlan:
     """A QuantPlan for an allocation's choice (linear -> scheme name): the most common scheme as default,
     every other linear overridden."""
-    from collections import Counter
-
-    from .config import QuantPlan
-
     default = Counter(choice.values()).most_common(1)[0][0]
     return QuantPlan(schemes[default], {n: schemes[s] for n, s in choice.items() if s != default})
-
-
-def mixed_plan(model, calib, target_bpw: float, candidates: dict | None = None, method: str = "gptq", cfg=None,
-               quiet: bool = True):  # fmt: skip
-    """Measure sensitivity on `calib` [N, L] windows, allocate schemes to meet `target_bpw`.
-
-    Returns (QuantPlan, Allocation, SensitivityTable). `candidates`: name -> QuantScheme (default:
-    config.DEFAULT_CANDIDATES)."""
-    from .config import DEFAULT_CANDIDATES, scheme_from_name
-    from .sensitivity import layer_stats, sensitivity_table
-
-    candidates = candidates or {n: scheme_from_name(n, clip_search=method == "gptq") for n in DEFAULT_CANDIDATES}
-    stats = layer_stats(model, calib, quiet)
-    table = sensitivity_table(model, stats, candidates, method, cfg, quiet)
-    alloc = allocate(table.damage, table.nbytes, table.weights, target_bpw)
-    return plan_for(alloc.choice, table.schemes), alloc, table

@@ -1,16 +1,16 @@
-"""Checkpoint format v1: a normal Hugging Face model dir holding packed llmq tensors (docs/FORMAT.md).
+"""The files of a checkpoint dir (docs/FORMAT.md): atomic writes, sharded safetensors, the index, headers.
 
 Writing is atomic at every step: each file goes to a temp name in the output dir, is fsynced and renamed.
 Shards are written as they fill (`llmq-part-NNNNN.safetensors`), renamed to their final
 `model-NNNNN-of-NNNNN.safetensors` names at the end, then the index and, last of all, `config.json`:
-a dir without `config.json` is visibly incomplete, and readers refuse it.
+a dir without `config.json` is visibly incomplete, and readers refuse it. What config.json's
+`quantization_config` says is llmq/record.py's; which tensors a quantized module stores is llmq/codec.py's.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 from .errors import LlmqError
 
 FORMAT_VERSION = 1
-QUANT_METHOD = "llmq"
 INDEX_NAME = "model.safetensors.index.json"
 PROGRESS_NAME = "llmq_progress.json"
 PART_PREFIX = "llmq-part-"
@@ -70,38 +69,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-# ---- output dir ---------------------------------------------------------------------------------
-def is_llmq_dir(out: Path) -> bool:
-    if (out / PROGRESS_NAME).exists() or any(out.glob(f"{PART_PREFIX}*")):
-        return True
-    try:
-        qc = json.loads((out / "config.json").read_text()).get("quantization_config", {})
-        return qc.get("quant_method") == QUANT_METHOD
-    except (OSError, ValueError):
-        return False
-
-
-def prepare_output_dir(out: Path, overwrite: bool) -> bool:
-    """Make `out` ready for a fresh conversion; True when this call created it."""
-    if out.exists() and not out.is_dir():
-        raise LlmqError(f"{out}: exists and is not a directory; choose another output path")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise LlmqError(f"{out}: output directory is not empty; pass --overwrite to replace it, or choose another")
-        if not is_llmq_dir(out):
-            raise LlmqError(f"{out}: not empty and not an llmq output, refusing to delete it even with --overwrite")
-        shutil.rmtree(out)
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".llmq-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise LlmqError(f"{out}: cannot write to the output directory ({e.strerror}); check the path and permissions") from None
-    return created
 
 
 # ---- writer -------------------------------------------------------------------------------------
@@ -163,29 +130,50 @@ class CheckpointWriter:
 
 
 # ---- reader -------------------------------------------------------------------------------------
-def read_config(d: Path) -> tuple[dict, dict]:
-    """(config.json as a dict, its quantization_config), validated for llmq format v1."""
+def read_index(d: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(tensor name -> shard file, shard file -> sha256 as the index records it) of a dir of safetensors: from
+    model.safetensors.index.json, or a single model.safetensors; ({}, {}) when there is neither. Every listed
+    shard must exist."""
     d = Path(d)
-    if not d.is_dir():
-        raise LlmqError(f"{d}: no such directory")
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        hint = " (an interrupted conversion: rerun `llmq quantize`)" if is_llmq_dir(d) else ""
-        raise LlmqError(f"{d}: no config.json; not a complete llmq checkpoint{hint}")
+    index_path = d / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map, digests = dict(index["weight_map"]), dict(index.get("metadata", {}).get("llmq_sha256", {}))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LlmqError(f"{index_path}: unreadable index ({e}); re-copy or re-quantize the model") from None
+    elif (d / "model.safetensors").is_file():
+        weight_map, digests = {k: "model.safetensors" for k in tensor_headers(d / "model.safetensors")}, {}
+    else:
+        return {}, {}
+    for shard in sorted(set(weight_map.values())):
+        if not (d / shard).is_file():
+            raise LlmqError(f"{d / shard}: shard listed in the index is missing; re-copy or re-quantize the model")
+    return weight_map, digests
+
+
+SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                      "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F32": torch.float32, "F64": torch.float64}  # fmt: skip
+
+
+def tensor_headers(path: Path) -> dict[str, tuple[torch.dtype | None, tuple[int, ...], int]]:
+    """name -> (dtype, shape, bytes) of every tensor in one safetensors file, from its header alone (no data is
+    read); dtype None for a dtype llmq never stores."""
     try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise LlmqError(f"{cfg_path}: not valid JSON ({e})") from None
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise LlmqError(f"{d}: config.json has no llmq quantization_config; is this a quantized llmq checkpoint?")
-    v = qc.get("format_version")
-    if v != FORMAT_VERSION:
-        raise LlmqError(
-            f"{d}: llmq checkpoint format_version {v!r}, this llmq reads version {FORMAT_VERSION}; "
-            "upgrade llmq (pip install -U llmq) or re-quantize"
-        )
-    return config, qc
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > 100 << 20:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+        out = {}
+        for k, v in header.items():
+            if k != "__metadata__":
+                begin, end = v["data_offsets"]
+                out[k] = (SAFETENSORS_DTYPES.get(v["dtype"]), tuple(int(x) for x in v["shape"]), int(end) - int(begin))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LlmqError(f"{path}: unreadable safetensors header ({e}); the file is truncated or corrupted") from None
 
 
 class CheckpointReader:
@@ -193,21 +181,11 @@ class CheckpointReader:
 
     def __init__(self, d: Path, verify: bool = False):
         self.dir = Path(d)
-        index_path = self.dir / INDEX_NAME
-        if index_path.is_file():
-            index = json.loads(index_path.read_text())
-            self.weight_map: dict[str, str] = index["weight_map"]
-            digests = index.get("metadata", {}).get("llmq_sha256", {})
-        elif (self.dir / "model.safetensors").is_file():
-            with self._open("model.safetensors") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
-            digests = {}
-        else:
+        self.weight_map, digests = read_index(self.dir)
+        if not self.weight_map:
             raise LlmqError(f"{self.dir}: no {INDEX_NAME} or model.safetensors; not a complete checkpoint")
         for shard in sorted(set(self.weight_map.values())):
             path = self.dir / shard
-            if not path.is_file():
-                raise LlmqError(f"{path}: shard listed in the index is missing; re-copy or re-quantize the model")
             with self._open(shard) as f:
                 meta = f.metadata() or {}
                 if meta.get("llmq_format_version", str(FORMAT_VERSION)) != str(FORMAT_VERSION):
@@ -225,6 +203,13 @@ class CheckpointReader:
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
+
+    def headers(self) -> dict[str, tuple[torch.dtype | None, tuple[int, ...], int]]:
+        """name -> (dtype, shape, bytes) of every tensor of the checkpoint, from the shard headers."""
+        out = {}
+        for shard in sorted(set(self.weight_map.values())):
+            out |= tensor_headers(self.dir / shard)
+        return out
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Tensors by name, grouped so that each shard is opened once."""
@@ -248,13 +233,5 @@ def tensor_bytes(d: Path) -> dict[str, int]:
     """Bytes each tensor occupies in the shard files of dir `d`, read from the safetensors headers only."""
     out = {}
     for shard in sorted(Path(d).glob("model*.safetensors")):
-        with open(shard, "rb") as f:
-            try:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            except ValueError:
-                raise LlmqError(f"{shard}: unreadable safetensors header; the file is truncated or corrupted") from None
-        for k, v in header.items():
-            if k != "__metadata__":
-                out[k] = v["data_offsets"][1] - v["data_offsets"][0]
+        out |= {k: n for k, (_, _, n) in tensor_headers(shard).items()}
     return out

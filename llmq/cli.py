@@ -8,8 +8,16 @@ import re
 import sys
 from pathlib import Path
 
-from .config import FORMATS, GPTQ_INPUTS
+from . import formats
+from .checkpoint import atomic_write_json
+from .config import GPTQ_INPUTS, CalibConfig, GPTQConfig, MixedConfig, QuantScheme, scheme_from_name
+from .convert import ConvertRequest, convert
+from .dtypes import DTYPE_NAMES
 from .errors import LlmqError
+from .eval.plots import plot_allocation, plot_layer
+from .eval.report import report
+from .eval.run import evaluate, print_record
+from .inspect import inspect_dir, print_table
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
 
@@ -33,8 +41,6 @@ def parse_range(s: str) -> tuple[float, float]:
 
 
 def parse_candidates(s: str) -> tuple[str, ...]:
-    from .config import scheme_from_name
-
     names = tuple(n.strip() for n in s.split(",") if n.strip())
     if not names:
         raise argparse.ArgumentTypeError("--candidates: give at least one scheme, e.g. int3-g128,int4-g128")
@@ -46,22 +52,14 @@ def parse_candidates(s: str) -> tuple[str, ...]:
     return names
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 # ---- quantize -----------------------------------------------------------------------------------
 def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheme")
     g.add_argument("--bits", type=int, default=None,
-                   help="code width: 2, 3, 4 or 8 (default 4; nf4 / nf3 / nf2 imply 4 / 3 / 2)")
-    g.add_argument("--format", choices=FORMATS, default="int",
-                   help="int: uniform integer grid; nf4 / nf3 / nf2: codebook of 16 / 8 / 4 values with absmax "
-                        "scales (NormalFloat; nf2 = -1, -1/4, 1/4, 1)")
+                   help="code width: 2, 3, 4 or 8 for int (default 4); a codebook format implies its own")
+    g.add_argument("--format", choices=tuple(formats.FORMATS), default="int",
+                   help="; ".join(f"{n}: {f.help}" for n, f in formats.FORMATS.items())
+                   + " (codebooks are absmax-scaled per group; docs/FORMAT.md)")
     g.add_argument("--group-size", type=int, default=128,
                    help="columns per scale: 32/64/128/256 (any >= 16), -1 per output channel, 0 per tensor")
     g.add_argument("--sym", action="store_true", help="symmetric integer grid (no zero points stored)")
@@ -69,30 +67,33 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-search", action="store_true", help="per group, search the range shrink with least error")
     g.add_argument("--outliers", type=float, default=0.0, metavar="FRAC",
                    help="fraction of weights kept exact in fp16, e.g. 0.005")
-    g.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    g.add_argument("--scale-dtype", choices=DTYPE_NAMES, default="float16")
 
 
-def scheme_from_args(a):
-    from .config import QuantScheme
-
+def scheme_from_args(a) -> QuantScheme:
     return QuantScheme(bits=a.bits, format=a.format, group_size=a.group_size, sym=a.sym,
                        double_quant=a.double_quant, scale_dtype=a.scale_dtype, clip_search=a.clip_search,
                        outliers=a.outliers)  # fmt: skip
 
 
-def cmd_quantize(a) -> int:
-    from .config import DEFAULT_CANDIDATES, DEFAULT_ROW_CANDIDATES
-    from .convert import convert
-
+def quantize_request(a) -> ConvertRequest:
+    """The ConvertRequest the `llmq quantize` flags describe."""
     if a.candidates is not None and a.target_bpw is None:
         raise LlmqError("--candidates is only used with --target-bpw BITS (mixed precision)")
-    if a.target_bpw is not None and not 1.0 < a.target_bpw <= 16.0:
-        raise LlmqError(f"--target-bpw {a.target_bpw:g}: give an average bits per weight between 1 and 16, e.g. 3.5")
     if a.granularity == "row" and a.target_bpw is None:
         raise LlmqError("--granularity row is only used with --target-bpw BITS (mixed precision)")
-    a.candidates = a.candidates or (DEFAULT_ROW_CANDIDATES if a.granularity == "row" else DEFAULT_CANDIDATES)
+    gptq = a.method == "gptq"
+    mixed = None if a.target_bpw is None else MixedConfig(a.target_bpw, a.candidates, a.granularity)
+    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups,
+                      inputs=a.gptq_inputs) if gptq else None  # fmt: skip
+    calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
+                        token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
+    return ConvertRequest(a.model, Path(a.out), a.method, scheme_from_args(a), gcfg, calib, mixed, a.dtype,
+                          a.max_shard_size, a.device, a.offload_activations, a.overwrite, a.quiet)  # fmt: skip
 
-    summary = convert(a)
+
+def cmd_quantize(a) -> int:
+    summary = convert(quantize_request(a))
     if a.json:
         print(json.dumps(summary, indent=2))
     return 0
@@ -100,17 +101,11 @@ def cmd_quantize(a) -> int:
 
 # ---- inspect ------------------------------------------------------------------------------------
 def cmd_inspect(a) -> int:
-    from .inspect import inspect_dir, print_table
-
     info = inspect_dir(Path(a.dir))
     if a.plot_allocation:
-        from .eval.plots import plot_allocation
-
         print(f"wrote {plot_allocation(info, Path(a.plot_allocation))}")
         return 0
     if a.plot:
-        from .eval.plots import plot_layer
-
         out = Path(a.plot_out or f"{a.plot.replace('.', '_')}.png")
         print(f"wrote {plot_layer(Path(a.dir), a.plot, out, a.source)}")
         return 0
@@ -123,9 +118,6 @@ def cmd_inspect(a) -> int:
 
 # ---- eval / report ------------------------------------------------------------------------------
 def cmd_eval(a) -> int:
-    from .checkpoint import atomic_write_json
-    from .eval.run import evaluate, print_record
-
     record = evaluate(a)
     print_record(record)
     if a.json:
@@ -135,8 +127,6 @@ def cmd_eval(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from .eval.report import report
-
     for path in report([Path(p) for p in a.results], Path(a.out)):
         print(f"wrote {path}")
     return 0
@@ -192,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations on the CPU when the layer runs on a GPU")
     o = q.add_argument_group("output")
-    o.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+    o.add_argument("--dtype", choices=DTYPE_NAMES, default="float16",
                    help="storage dtype of the layers left in full precision (default float16)")
     o.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest shard file (default 2GB)")
     o.add_argument("--overwrite", action="store_true",
@@ -214,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    e.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+    e.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="activation dtype (default float32 on CPU, float16 on CUDA)")
     e.add_argument("--label", default=None, help="name of this run in reports")
     e.add_argument("--json", default=None, metavar="OUT", help="write the JSON record to OUT")

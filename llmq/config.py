@@ -10,15 +10,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import formats
+from .dtypes import DTYPE_NAMES
 from .errors import LlmqError
+from .formats.grouping import PER_CHANNEL, PER_TENSOR
 
-FORMATS = ("int", "nf4", "nf3", "nf2")
-NF_BITS = {"nf4": 4, "nf3": 3, "nf2": 2}  # absmax-scaled codebooks (formats/nf.py) and their code widths
-INT_BITS = (2, 3, 4, 8)
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
-PER_CHANNEL = -1  # group_size for one scale per output row
-PER_TENSOR = 0  # group_size for one scale for the whole matrix
-DQ_BLOCK = 256  # double quantization: scales re-quantized in blocks of this many
+SCALE_DTYPES = DTYPE_NAMES
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -30,14 +27,15 @@ def _check(cond: bool, msg: str) -> None:
 class QuantScheme:
     """How one linear layer's weight is quantized.
 
-    bits:         code width; 2, 3, 4 or 8 for `int`, 4 for `nf4`, 3 for `nf3`, 2 for `nf2` (None: 4 for
-                  `int`, else the codebook's width).
-    format:       "int" (uniform grid), "nf4" (QLoRA's 16-value NormalFloat codebook, absmax-scaled), "nf3"
-                  (its 8-value counterpart) or "nf2" (a symmetric 4-value codebook), formats/nf.py.
+    bits:         code width: one the format stores (2, 3, 4 or 8 for `int`; a codebook's own width);
+                  None: the format's default (4 for `int`).
+    format:       a registered number format (llmq/formats/__init__.py): "int" (uniform grid), the absmax-scaled
+                  codebooks ("nf4" for QLoRA's NormalFloat, ...): `formats.FORMATS` lists them.
     group_size:   columns sharing one scale: >= 16 (need not divide in_features: the last group is
                   shorter), -1 = per output channel, 0 = per tensor.
-    sym:          int only: symmetric grid (zero point fixed at 2**(bits-1), not stored) or asymmetric
-                  (an integer zero point per group, stored packed at `bits`). nf4/nf3/nf2 are always symmetric.
+    sym:          for formats with zero points (int): symmetric grid (zero point fixed at 2**(bits-1), not
+                  stored) or asymmetric (an integer zero point per group, stored packed at `bits`). Codebook
+                  formats are always symmetric.
     double_quant: per-group scales re-quantized to uint8 in blocks of 256 (one fp32 scale and offset per
                   block), as QLoRA does.
     scale_dtype:  storage dtype of plain (not double-quantized) scales.
@@ -55,15 +53,15 @@ class QuantScheme:
     outliers: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.format in FORMATS, f"format={self.format!r} is not supported; use one of {FORMATS}")
+        fmt = formats.get(self.format)
         if self.bits is None:
-            object.__setattr__(self, "bits", NF_BITS.get(self.format, 4))
-        if self.format in NF_BITS:
-            nb = NF_BITS[self.format]
-            _check(self.bits == nb, f"format={self.format!r} is a {nb}-bit codebook; got bits={self.bits}, "
-                   f"use bits={nb}")
+            object.__setattr__(self, "bits", fmt.default_bits)
+        if len(fmt.bits) == 1:
+            _check(self.bits == fmt.bits[0], f"format={self.format!r} is a {fmt.bits[0]}-bit codebook; got "
+                   f"bits={self.bits}, use bits={fmt.bits[0]}")  # fmt: skip
+        _check(self.bits in fmt.bits, f"bits={self.bits} is not supported; use one of {tuple(sorted(fmt.bits))}")
+        if not fmt.zero_points:
             object.__setattr__(self, "sym", True)
-        _check(self.bits in INT_BITS, f"bits={self.bits} is not supported; use one of {INT_BITS}")
         gs = self.group_size
         _check(
             isinstance(gs, int) and (gs in (PER_CHANNEL, PER_TENSOR) or gs >= 16),
@@ -80,10 +78,22 @@ class QuantScheme:
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
+    @property
+    def number_format(self) -> formats.NumberFormat:
+        return formats.get(self.format)
+
+    @property
+    def has_zeros(self) -> bool:
+        """Whether an integer zero point is stored per group (asymmetric grids)."""
+        return self.number_format.zero_points and not self.sym
+
     def describe(self) -> str:
         """A short human name, e.g. 'int4-asym-g128', 'nf4-g64-dq'."""
         g = {PER_CHANNEL: "pc", PER_TENSOR: "pt"}.get(self.group_size, f"g{self.group_size}")
-        name = self.format if self.format in NF_BITS else f"int{self.bits}-{'sym' if self.sym else 'asym'}"
+        fmt = self.number_format
+        name = self.format if len(fmt.bits) == 1 else f"{self.format}{self.bits}"
+        if fmt.zero_points:
+            name += "-sym" if self.sym else "-asym"
         extra = "".join(
             s for s, on in (("-dq", self.double_quant), ("-clip", self.clip_search)) if on
         ) + (f"-out{self.outliers:g}" if self.outliers else "")
@@ -119,9 +129,8 @@ class GPTQConfig:
                    way): the inputs the already-quantized layers (and groups of this layer) produce.
                    "fp": the full-precision model's own inputs, so every linear is fitted to reproduce
                    the fp model on fp activations (the sensitivity table's weights are exactly these).
-                   On SmolLM2-135M "fp" is 3.6-12.6% lower in perplexity from 2 to 4 bits and twice as
-                   fast (benchmarks/results/gptq_inputs.md); "quantized" stays the default until that is
-                   measured on larger models.
+                   "fp" measured better and faster on SmolLM2 (benchmarks/results/gptq_inputs.md); "quantized"
+                   stays the default until that is measured on larger models.
     """
 
     damp: float = 0.01
@@ -161,6 +170,39 @@ class CalibConfig:
         _check(0.0 <= lo < hi <= 1.0, f"token_range={self.token_range} must satisfy 0 <= lo < hi <= 1")
 
 
+GRANULARITIES = ("linear", "row")
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    """Mixed precision: a scheme per linear ("linear") or per output row ("row"), chosen by measured sensitivity so
+    that the average bits per weight (every stored byte counted) is at most `target_bpw`.
+
+    candidates: scheme names to choose from (`scheme_from_name`); None = DEFAULT_CANDIDATES, or
+    DEFAULT_ROW_CANDIDATES per row.
+    """
+
+    target_bpw: float
+    candidates: tuple[str, ...] | None = None
+    granularity: str = "linear"
+
+    def __post_init__(self) -> None:
+        _check(1.0 < self.target_bpw <= 16.0, f"target_bpw={self.target_bpw:g}: give an average bits per weight "
+               "between 1 and 16, e.g. 3.5")  # fmt: skip
+        _check(self.granularity in GRANULARITIES,
+               f"granularity={self.granularity!r} is not known; use one of {', '.join(GRANULARITIES)}")
+        if self.candidates is None:
+            rows = self.granularity == "row"
+            object.__setattr__(self, "candidates", DEFAULT_ROW_CANDIDATES if rows else DEFAULT_CANDIDATES)
+        _check(len(self.candidates) > 0, "give at least one candidate scheme, e.g. int3-g128,int4-g128")
+        for n in self.candidates:
+            scheme_from_name(n)
+
+    def schemes(self, **base: Any) -> dict[str, QuantScheme]:
+        """The candidates by name, with `base` (e.g. clip_search, scale_dtype, sym) for the fields a name leaves out."""
+        return {n: scheme_from_name(n, **base) for n in self.candidates}
+
+
 @dataclass(frozen=True)
 class RowSplit:
     """One linear quantized with several schemes, output row by output row (mixed precision per output
@@ -193,17 +235,25 @@ class QuantPlan:
         return self.overrides.get(name, self.default)
 
 
+def _format_of_name(head: str) -> dict[str, Any] | None:
+    """'int4' -> format int, 4 bits; a codebook's name ('nf4') -> that codebook (its one width); else None."""
+    for name, fmt in formats.FORMATS.items():
+        if len(fmt.bits) == 1 and head == name:
+            return {"format": name, "bits": fmt.bits[0]}
+        if len(fmt.bits) > 1 and head.startswith(name) and head[len(name):] in {str(b) for b in fmt.bits}:
+            return {"format": name, "bits": int(head[len(name):])}
+    return None
+
+
 def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     """Parse a scheme name as `QuantScheme.describe()` writes it, e.g. 'int4-g128', 'int3-asym-g64-dq',
-    'nf4-g64', 'nf3-g64-dq', 'nf2-g64-dq', 'int8-pc', 'int4-sym-g128-clip-out0.005'. `defaults` fill the fields
+    'nf4-g64', 'nf3-g64-dq', 'int8-pc', 'int4-sym-g128-clip-out0.005'. `defaults` fill the fields
     the name leaves out."""
     parts = name.strip().lower().split("-")
-    m = re.fullmatch(r"(int([2348])|nf[234])", parts[0])
-    _check(m is not None and len(parts) >= 2, f"scheme name {name!r} not understood; write e.g. int4-g128, "
-           "int3-g64-dq, nf4-g64, nf3-g64-dq, int8-pc, int4-g128-out0.005")  # fmt: skip
-    kw: dict[str, Any] = dict(defaults)
-    fmt = parts[0] if parts[0] in NF_BITS else "int"
-    kw |= {"format": fmt, "bits": NF_BITS.get(fmt) or int(m.group(2))}
+    head = _format_of_name(parts[0])
+    _check(head is not None and len(parts) >= 2, f"scheme name {name!r} not understood; write e.g. int4-g128, "
+           f"int3-g64-dq, nf4-g64, int8-pc, int4-g128-out0.005 (formats: {', '.join(formats.FORMATS)})")  # fmt: skip
+    kw: dict[str, Any] = dict(defaults) | head
     for p in parts[1:]:
         if p in ("sym", "asym"):
             kw["sym"] = p == "sym"
@@ -221,13 +271,9 @@ def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     return QuantScheme(**kw)
 
 
-# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF3/NF4, and
-# outliers; each fills a different point of the size ladder (measured bits per weight on SmolLM2):
-# int2 g64 2.30 < g32-dq 2.34 < g32 2.58; nf3 g256-dq 3.04 < g128-dq 3.07 < g64-dq 3.13 < g32-dq 3.26; int3 g32-dq
-# 3.38; nf4 g128-dq 4.07 < g64-dq 4.13 < g32-dq 4.26 < g32 4.5; int8 g128 8.2. Left out because on SmolLM2 another
-# candidate has less estimated damage at the same or lower size (benchmarks/results/mixed.md): int3 pc / g128-dq /
-# g64-dq (NF3 g256-dq / g128-dq / g64-dq), int3 g128 / g64 / g32 (the -dq variants), int4 pc / g128 / g64 / g32
-# (NF4 with double quant).
+# Candidates for mixed precision (--target-bpw): 2/3/4/8 bits x group sizes, double-quantized scales, NF3/NF4 and
+# outliers, each filling a different point of the size ladder; a scheme that another candidate beats at the same or
+# lower size on SmolLM2 is left out (benchmarks/results/notes.md lists both).
 DEFAULT_CANDIDATES = ("int2-g64", "int2-g32-dq", "int2-g32", "nf3-g256-dq", "nf3-g128-dq", "nf3-g64-dq", "nf3-g32-dq",
                       "int3-g32-dq", "nf4-g128-dq", "nf4-g64-dq", "nf4-g32-dq", "nf4-g32", "int8-g128",
                       "int3-g128-out0.005", "int4-g128-out0.005")  # fmt: skip

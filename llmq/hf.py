@@ -4,8 +4,12 @@
   - `AutoModelForCausalLM.from_pretrained(llmq_dir)` builds QuantLinear skeletons (packed buffers of the
     stored dtypes and shapes, on the meta device) before the weights load, and the loader fills them from
     the shards: full-precision weights of quantized layers are never materialised;
-  - `from_pretrained(fp_model, quantization_config=LlmqConfig(method="rtn"|"nf4"|"nf3"|"nf2", ...))` quantizes each
+  - `from_pretrained(fp_model, quantization_config=LlmqConfig(method="rtn"|"nf4"|..., ...))` quantizes each
     linear's weight as it arrives (a ConversionOps), so peak memory stays near the quantized size.
+
+Loading a checkpoint reads its CheckpointRecord (llmq/record.py) once, builds one skeleton per quantized module from
+it (nn.skeleton), and holds the shards' headers against it before a byte of data is read (check_checkpoint).
+`llmq.load_quantized` is this same loader plus the shard checksums.
 
 Safety: every llmq checkpoint carries a sentinel tensor under the real name of its first quantized
 module's `.weight`, with shape [0]. Without llmq imported, transformers only warns about the unknown
@@ -14,29 +18,32 @@ weights. With llmq imported that module is a QuantLinear, and the key is ignored
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
+from pathlib import Path
 
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .archs import arch_for
-from .checkpoint import FORMAT_VERSION, QUANT_METHOD, SHARD_METADATA
-from .config import NF_BITS, QuantPlan, QuantScheme
+from . import codec, formats, nn
+from .algorithms.rtn import rtn
+from .archs import arch_for, quantizable_names
+from .checkpoint import SHARD_METADATA, tensor_headers
+from .config import QuantPlan, QuantScheme
 from .errors import LlmqError
-from .nn import QuantLinear, RowSplitLinear
+from .record import HEADER_KEYS, QUANT_METHOD, CheckpointRecord, ModuleRecord, WeightRecord, describes_checkpoint
 
 log = logging.getLogger("llmq")
-SCHEME_KEYS = ("bits", "format", "group_size", "sym", "double_quant", "scale_dtype", "clip_search", "outliers")
+SCHEME_KEYS = tuple(f.name for f in dataclasses.fields(QuantScheme))
 
 
 @register_quantization_config(QUANT_METHOD)
 class LlmqConfig(QuantizationConfigMixin):
-    """Either the `quantization_config` of an llmq checkpoint (pre-quantized), or a request to quantize at
-    load time: LlmqConfig(method="rtn" | "nf4" | "nf3" | "nf2", bits=4, group_size=128, sym=False, double_quant=False,
-    ...); "nf4" / "nf3" / "nf2" default to group_size=64.
+    """Either the `quantization_config` of an llmq checkpoint (pre-quantized: parsed into a CheckpointRecord), or a
+    request to quantize at load time: LlmqConfig(method="rtn" | a codebook format's name (e.g. "nf4"),
+    bits=4, group_size=128, sym=False, double_quant=False, ...); a codebook method defaults to group_size=64.
 
     backend: "auto" | "reference" | "cpu" | "triton" for the QuantLinear layers quantized on the fly. For a
     pre-quantized checkpoint transformers ignores a passed config (it keeps the checkpoint's); set
@@ -46,33 +53,33 @@ class LlmqConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.backend = backend
         self.modules_to_not_convert = modules_to_not_convert
-        self.pre = "quantized_modules" in kwargs  # the dict read from a checkpoint's config.json
+        self.pre = describes_checkpoint(kwargs)  # the dict read from a checkpoint's config.json
         if self.pre:
-            self.record = {"method": method, **kwargs}
+            self.record = CheckpointRecord.from_config({**kwargs, "method": method, "quant_method": QUANT_METHOD})
             return
         name = method if isinstance(method, str) else method.get("name")
         if name == "gptq":
             raise LlmqError("GPTQ needs calibration data and cannot run inside from_pretrained; quantize offline "
                             "with `llmq quantize MODEL OUT --method gptq --calib ...`, then load OUT")  # fmt: skip
-        if name not in ("rtn", *NF_BITS):
-            raise LlmqError(f"LlmqConfig(method={name!r}): on-the-fly quantization supports 'rtn', 'nf4', "
-                            "'nf3' and 'nf2'")
+        methods = ("rtn", *formats.codebook_formats())
+        if name not in methods:
+            raise LlmqError(f"LlmqConfig(method={name!r}): on-the-fly quantization supports {', '.join(map(repr, methods))}")
         scheme = {k: v for k, v in kwargs.items() if k in SCHEME_KEYS}
-        unknown = set(kwargs) - set(SCHEME_KEYS) - {"quant_method", "format_version"}
+        unknown = set(kwargs) - set(SCHEME_KEYS) - set(HEADER_KEYS)
         if unknown:
             raise LlmqError(f"LlmqConfig: unknown options {sorted(unknown)}; scheme options are {SCHEME_KEYS}")
-        if name in NF_BITS:  # round-to-nearest onto that codebook
+        if name != "rtn":  # round-to-nearest onto that codebook
             scheme.setdefault("format", name)
             scheme.setdefault("group_size", 64)
         self.scheme = QuantScheme(**scheme)
-        self.record = None
+        self.record: CheckpointRecord | None = None
 
     def get_loading_attributes(self) -> dict:
         return {"backend": self.backend}
 
     def to_dict(self) -> dict:
         if self.record is not None:
-            return copy.deepcopy(self.record) | {"quant_method": QUANT_METHOD}
+            return self.record.to_config()
         return {"quant_method": QUANT_METHOD, "method": {"name": "rtn"}, "scheme": self.scheme.to_dict()}
 
 
@@ -83,16 +90,13 @@ class LlmqQuantize(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
-        from .algorithms.rtn import rtn
-
         out = {}
         for key, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             name = key.rpartition(".")[0]
             W = value.t() if self.hf_quantizer.transposed else value
             qw = rtn(W.to(torch.float32), self.hf_quantizer.plan.scheme_for(name))
-            self.hf_quantizer.done[name] = qw.shape
-            out |= {k: v.to(value.device) for k, v in qw.tensors(name).items()}
+            out |= {k: v.to(value.device) for k, v in codec.encode(name, qw).items()}
             if missing_keys is not None:
                 missing_keys.discard(key)  # consumed: it became the packed parts
         return out
@@ -104,21 +108,12 @@ class LlmqHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: LlmqConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        self.done: dict[str, tuple[int, int]] = {}
         self.transposed = False
+        self.modules: dict[str, ModuleRecord] = {}
         qc = quantization_config
         if self.pre_quantized and not qc.pre:
             raise LlmqError("this checkpoint's quantization_config is not a complete llmq config; re-save it with llmq")
-        if self.pre_quantized:
-            from .modeling import plan_from_config
-
-            v = qc.record.get("format_version")
-            if v != FORMAT_VERSION:
-                raise LlmqError(f"llmq checkpoint format_version {v!r}; this llmq reads version {FORMAT_VERSION}: "
-                                "upgrade llmq or re-quantize")  # fmt: skip
-            self.plan = plan_from_config(qc.record)
-        else:
-            self.plan = QuantPlan(qc.scheme)
+        self.plan = qc.record.plan if self.pre_quantized else QuantPlan(qc.scheme)
 
     def update_dtype(self, dtype):
         return dtype if dtype is not None else torch.float32
@@ -138,48 +133,30 @@ class LlmqHfQuantizer(HfQuantizer):
 
     # ---- on the fly ---------------------------------------------------------------------------
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return not self.pre_quantized and param_name.rpartition(".")[0] in self.targets and param_name.endswith(".weight")
+        return not self.pre_quantized and param_name.rpartition(".")[0] in self.modules and param_name.endswith(".weight")
 
     def get_quantize_ops(self):
         return LlmqQuantize(self)
 
     # ---- both ---------------------------------------------------------------------------------
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         spec = arch_for(model.config)
         self.transposed = spec.transposed
         rec = self.quantization_config.record
         if self.pre_quantized:
-            self.targets = list(rec["quantized_modules"])
-            shapes = {n: tuple(s) for n, s in rec["shapes"].items()}
-            nnz, permuted = rec.get("outlier_nnz", {}), set(rec.get("permuted_modules", []))
-            if rec.get("sentinel"):
+            self.modules = dict(rec.modules)
+            if rec.sentinel:
                 model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-                    "^" + rec["sentinel"].replace(".", r"\.") + "$"}  # fmt: skip
+                    "^" + rec.sentinel.replace(".", r"\.") + "$"}  # fmt: skip
         else:
-            from .archs import quantizable_names
-
             skip = set(self.quantization_config.modules_to_not_convert or [])
-            self.targets = [n for n in quantizable_names(model, spec) if n not in skip]
-            shapes = {}
-            for n in self.targets:
-                w = model.get_submodule(n).weight
-                shapes[n] = (w.shape[1], w.shape[0]) if spec.transposed else tuple(w.shape)
-            nnz = {n: round(s[0] * s[1] * self.plan.scheme_for(n).outliers) for n, s in shapes.items()}
-            permuted = set()
-        self.shapes = shapes
-        splits = rec.get("row_splits", {}) if self.pre_quantized else {}
-        for name in self.targets:
-            old = model.get_submodule(name)
-            if name in splits:
-                from .modeling import split_schemes
-
-                sp = splits[name]
-                q = RowSplitLinear.skeleton(shapes[name], split_schemes(name, sp, shapes[name]), sp["rows"],
-                                            old.bias is not None, sp["outlier_nnz"], sp["permuted"],
-                                            self.quantization_config.backend)  # fmt: skip
-            else:
-                q = QuantLinear.skeleton(shapes[name], self.plan.scheme_for(name), old.bias is not None,
-                                         nnz.get(name, 0), name in permuted, self.quantization_config.backend)  # fmt: skip
+            self.modules = {n: self._on_the_fly_record(model, n) for n in quantizable_names(model, spec) if n not in skip}
+        for name, mrec in self.modules.items():
+            old = _module(model, name)
+            shape = (old.weight.shape[1], old.weight.shape[0]) if spec.transposed else tuple(old.weight.shape)
+            if tuple(shape) != tuple(mrec.shape):
+                raise LlmqError(f"{name}: checkpoint shape {list(mrec.shape)} does not match the model's {list(shape)}")
+            q = nn.skeleton(mrec, old.bias is not None, self.quantization_config.backend)
             if not self.pre_quantized:
                 q.register_parameter("weight", torch.nn.Parameter(torch.empty(old.weight.shape, device="meta"),
                                                                   requires_grad=False))  # fmt: skip
@@ -190,10 +167,19 @@ class LlmqHfQuantizer(HfQuantizer):
                 # its own _init_weights (e.g. GPT-2's scaled c_proj init) would reach for child.weight; the
                 # children's tensors come from the checkpoint, so there is nothing of its own to initialise
                 p._is_hf_initialized = True
+        if self.pre_quantized and checkpoint_files:
+            check_checkpoint(model, rec, [Path(f) for f in checkpoint_files])
         return model
 
+    def _on_the_fly_record(self, model, name: str) -> ModuleRecord:
+        w = _module(model, name).weight
+        shape = (w.shape[1], w.shape[0]) if self.transposed else tuple(w.shape)
+        scheme = self.plan.scheme_for(name)
+        nnz = round(shape[0] * shape[1] * scheme.outliers)
+        return ModuleRecord(name, shape, (WeightRecord(scheme, shape, nnz),))
+
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for name in self.targets:
+        for name in self.modules:
             mod = model.get_submodule(name)
             if "weight" in mod._parameters:
                 del mod._parameters["weight"]
@@ -201,8 +187,8 @@ class LlmqHfQuantizer(HfQuantizer):
             missing = [k for k in mod.part_names if not getattr(mod.get_buffer(k), "_is_hf_initialized", False)
                        and not mod.get_buffer(k).is_meta]  # fmt: skip (meta = offloaded by accelerate: loaded later)
             if missing:
-                raise LlmqError(f"{name}: tensor(s) {', '.join(name + '.' + k for k in missing)} missing from the "
-                                "checkpoint; re-copy or re-quantize the model")  # fmt: skip
+                raise LlmqError(f"{name}: missing tensor(s) {', '.join(name + '.' + k for k in missing)}; re-copy or "
+                                "re-quantize the model")  # fmt: skip
             mod.quantized_weight().validate(name)
             mod.prepare(name)
         if not self.pre_quantized:
@@ -210,20 +196,44 @@ class LlmqHfQuantizer(HfQuantizer):
             self.quantization_config.pre = True
         return model
 
-    def _record(self, model) -> dict:
-        from .modeling import module_facts, quantization_config
-
-        facts = {n: module_facts(model.get_submodule(n).quantized_weight()) for n in self.targets}
+    def _record(self, model) -> CheckpointRecord:
+        modules = {n: ModuleRecord.of(n, model.get_submodule(n).quantized_weight()) for n in self.modules}
         not_conv = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        return quantization_config(self.plan, facts, not_conv, {"name": "rtn", "on_the_fly": True})
+        return CheckpointRecord.build(self.plan, modules, not_conv, {"name": "rtn", "on_the_fly": True})
 
     def get_state_dict_and_metadata(self, model):
         """save_pretrained: the model's state plus the sentinel, and llmq's shard metadata."""
         rec = self.quantization_config.record
         state = model.state_dict()
-        if rec and rec.get("sentinel"):
-            state[rec["sentinel"]] = torch.zeros(0, dtype=torch.uint8)
+        if rec is not None and rec.sentinel:
+            state[rec.sentinel] = torch.zeros(0, dtype=torch.uint8)
         return state, dict(SHARD_METADATA)
+
+
+def _module(model, name: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise LlmqError(f"quantized module {name!r} does not exist in the model built from config.json") from None
+
+
+def check_checkpoint(model, record: CheckpointRecord, files: list[Path]) -> None:
+    """Before any data is read: every quantized module's tensors are in the shards with the dtypes and shapes the
+    record implies (codec.check_headers), every other tensor the model needs is there (a tied one may be left out),
+    and nothing else is. Errors name the tensor and the directory."""
+    where = files[0].parent
+    headers = {}
+    for f in files:
+        headers |= tensor_headers(f)
+    owned = codec.check_headers(record, headers, str(where))  # exactly each module's codec.layout
+    needed = set(model.state_dict()) - {k for m in record.modules.values() for k in codec.layout(m)}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(needed - set(headers) - tied)
+    if missing:
+        raise LlmqError(f"{where}: tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
+    unexpected = sorted(set(headers) - owned - needed - {record.sentinel})
+    if unexpected:
+        raise LlmqError(f"{where}: unexpected tensor(s) {unexpected[:5]}; the checkpoint does not match config.json")
 
 
 def compile_decoding(model, max_cache_len: int = 2048, mode: str | None = None):

@@ -1,68 +1,64 @@
-"""`llmq inspect`: per-module scheme, size and bits per weight of a checkpoint, from file headers only."""
+"""`llmq inspect`: per-module scheme, size and bits per weight of a checkpoint, from its record and the file headers
+only (no tensor data is read)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import read_config, tensor_bytes
-from .config import QuantScheme
+from . import codec, record
+from .checkpoint import tensor_bytes
+from .record import ModuleRecord
+from .summary import human_bytes
+
+
+def short_name(m: ModuleRecord) -> str:
+    """The scheme without its common parts (-asym, -clip); a module split by output row: each code width with its
+    percentage of the rows, e.g. '2b21 3b70 4b9'."""
+    if m.split:
+        return " ".join(f"{p.scheme.bits}b{round(100 * p.shape[0] / m.shape[0])}" for p in m.pieces)
+    return m.describe().replace("-asym", "").replace("-clip", "")
 
 
 def inspect_dir(d: Path) -> dict:
-    from .modeling import module_keys, plan_from_config
-
-    config, qc = read_config(d)
-    plan = plan_from_config(qc)
+    _, rec = record.read(d)
     sizes = tensor_bytes(d)
-    splits = qc.get("row_splits", {})
     modules, q_bytes, q_weights = [], 0, 0
-    for name in qc["quantized_modules"]:
-        prefix = name + "."
-        parts = {k[len(prefix):]: sizes[k] for k in module_keys(name, sizes, name in splits)}
-        nbytes = sum(v for k, v in parts.items() if k != "bias")
-        shape = qc["shapes"][name]
-        n = shape[0] * shape[1]
-        if name in splits:  # per-output-row schemes: each scheme with its share of the rows
-            sp = splits[name]
-            schemes = [QuantScheme.from_dict(x) for x in sp["schemes"]]
-            scheme = "rows: " + ", ".join(f"{s.describe()} {r}" for s, r in zip(schemes, sp["rows"]))
-            short = " ".join(f"{s.bits}b{round(100 * r / shape[0])}" for s, r in zip(schemes, sp["rows"]))
-        else:
-            scheme = plan.scheme_for(name).describe()
-            short = scheme.replace("-asym", "").replace("-clip", "")
-        modules.append({"name": name, "scheme": scheme, "short": short, "shape": shape,
+    for name, m in rec.modules.items():
+        nbytes = sum(sizes[k] for k in codec.module_keys(m, sizes))
+        n = m.shape[0] * m.shape[1]
+        modules.append({"name": name, "scheme": m.describe(), "short": short_name(m), "shape": list(m.shape),
                         "bytes": nbytes, "bits_per_weight": round(8 * nbytes / n, 4)})  # fmt: skip
         q_bytes += nbytes
         q_weights += n
     file_bytes = sum(p.stat().st_size for p in Path(d).glob("model*.safetensors"))
     fp_bytes = sum(sizes.values()) - q_bytes
+    mixed = bool(rec.overrides) or any(m.split for m in rec.modules.values())
     return {
         "dir": str(d),
-        "method": qc.get("method", {}).get("name"),
-        "default_scheme": plan.default.describe(),
+        "method": rec.method.get("name"),
+        "default_scheme": rec.default.describe(),
         "quantized_modules": len(modules),
         "quantized_weights": q_weights,
         "quantized_bytes": q_bytes,
         "bits_per_weight": round(8 * q_bytes / max(q_weights, 1), 4),
         "full_precision_bytes": fp_bytes,
         "file_bytes": file_bytes,
-        "modules_not_converted": qc.get("modules_not_converted", []),
-        "mixed": bool(plan.overrides or splits),
-        "allocation": allocation(modules) if plan.overrides or splits else None,
+        "modules_not_converted": list(rec.not_converted),
+        "mixed": mixed,
+        "allocation": allocation(modules) if mixed else None,
         "modules": modules,
     }
 
 
 def allocation(modules: list[dict]) -> dict:
-    """Per decoder layer: {linear (relative name): scheme, short form (-asym/-clip omitted; a linear split by
-    output row: each code width with its percentage of the rows, e.g. '2b21 3b70 4b9')}."""
+    """Per decoder layer: {linear (relative name): its short scheme name (`short_name`)}."""
     layers: dict[str, dict[str, str]] = {}
     for m in modules:
-        head, idx, rel = _split(m["name"])
+        head, idx, rel = split_name(m["name"])
         layers.setdefault(f"{head}.{idx}" if idx is not None else head, {})[rel] = m["short"]
     return layers
 
 
-def _split(name: str) -> tuple[str, int | None, str]:
+def split_name(name: str) -> tuple[str, int | None, str]:
     """'model.layers.3.mlp.down_proj' -> ('model.layers', 3, 'mlp.down_proj')."""
     parts = name.split(".")
     for i, p in enumerate(parts):
@@ -85,8 +81,6 @@ def print_allocation(info: dict) -> None:
 
 
 def print_table(info: dict) -> None:
-    from .cli import human_bytes
-
     print(f"{info['dir']}: method {info['method']}, default scheme {info['default_scheme']}"
           + (" (mixed precision: per-module schemes below)" if info.get("mixed") else ""))
     w = max((len(m["name"]) for m in info["modules"]), default=10)

@@ -11,36 +11,25 @@ transformers loader dequantizes the whole model at once) are loaded whole; `stre
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
-
-import json
 import logging
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForCausalLM
 
 from .archs import ArchSpec, decoder_layers
+from .checkpoint import read_index
 from .errors import LlmqError
 from .sources import Source, load_model
 
 log = logging.getLogger("llmq")
-
-
-def shard_map(d: Path) -> dict[str, str]:
-    """tensor name -> shard file, for a dir of safetensors; every listed shard must exist."""
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        wm = json.loads(index.read_text())["weight_map"]
-    elif (d / "model.safetensors").is_file():
-        with safe_open(d / "model.safetensors", "pt") as f:
-            wm = {k: "model.safetensors" for k in f.keys()}
-    else:
-        return {}
-    for shard in sorted(set(wm.values())):
-        if not (d / shard).is_file():
-            raise LlmqError(f"{d / shard}: shard listed in the index is missing; re-download the model")
-    return wm
 
 
 class LazyModel:
@@ -50,15 +39,12 @@ class LazyModel:
         if src.kind == "hub":
             path = self._snapshot(src.path)
         self.dir = path
-        self.weight_map = shard_map(path) if src.kind != "gguf" else {}
+        self.weight_map = read_index(path)[0] if src.kind != "gguf" else {}
         self.streamed = bool(self.weight_map)
         if not self.streamed:
             log.info("%s: not a safetensors checkpoint, loading it whole (no layer streaming)", src)
             self.model, _ = load_model(src, dtype)
             return
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
-
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
@@ -75,8 +61,6 @@ class LazyModel:
 
     @staticmethod
     def _snapshot(repo: str) -> Path:
-        from huggingface_hub import snapshot_download
-
         try:
             return Path(snapshot_download(repo, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt",
                                                                 "*.jinja", "*.tiktoken"]))  # fmt: skip
@@ -116,8 +100,6 @@ class LazyModel:
             trim_heap()
 
     def _load(self, names: list[str], required: bool = True, dtype: torch.dtype | None = None) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         by_shard: dict[str, list[str]] = {}
         for n in names:
             shard = self.weight_map.get(self._file_key(n))
@@ -168,19 +150,15 @@ def trim_heap() -> None:
 
     Cycles: the pipeline stops forward passes by raising from a hook, and each such traceback's frames hold
     that pass's activations in a cycle that only the cyclic GC frees — rarely, since few Python objects
-    are allocated meanwhile (measured: RSS between layers crept from 0.5 to 0.8 GB over 25 layers of a
-    2048x5632 model without this). glibc keeps freed blocks up to its (dynamic, up to 32 MB) mmap
-    threshold in the heap, so without the trim each released layer left ~half its size resident
-    (measured: +48 MB RSS per 2048x5632 layer, 4.6 GB peak converting a 6 GB checkpoint)."""
+    are allocated meanwhile. glibc keeps freed blocks up to its (dynamic, up to 32 MB) mmap threshold in the
+    heap, so without the trim each released layer left about half its size resident. Both measured:
+    benchmarks/results/notes.md."""
     gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
 
 def _libc():
-    import ctypes
-    import ctypes.util
-
     try:
         lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return lib if hasattr(lib, "malloc_trim") else None

@@ -1,4 +1,5 @@
-"""The resume manifest of `llmq quantize`: which layers are finished, in which part files, under which arguments.
+"""The output dir of `llmq quantize`: preparing it, and its resume manifest (which layers are finished, in which
+part files, under which arguments).
 
 `llmq_progress.json` in the output dir is rewritten atomically after each finished layer, *after* that
 layer's part files are on disk. On a rerun with the same arguments (same fingerprint) the conversion skips
@@ -14,10 +15,32 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import PART_PREFIX, PROGRESS_NAME, atomic_write_json, prepare_output_dir
+from .checkpoint import PART_PREFIX, PROGRESS_NAME, atomic_write_json
 from .errors import LlmqError
+from .record import ModuleRecord, is_llmq_dir
 
 log = logging.getLogger("llmq")
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> bool:
+    """Make `out` ready for a fresh conversion; True when this call created it."""
+    if out.exists() and not out.is_dir():
+        raise LlmqError(f"{out}: exists and is not a directory; choose another output path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise LlmqError(f"{out}: output directory is not empty; pass --overwrite to replace it, or choose another")
+        if not is_llmq_dir(out):
+            raise LlmqError(f"{out}: not empty and not an llmq output, refusing to delete it even with --overwrite")
+        shutil.rmtree(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".llmq-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LlmqError(f"{out}: cannot write to the output directory ({e.strerror}); check the path and permissions") from None
+    return created
 
 
 def fingerprint(args: dict) -> str:
@@ -30,6 +53,7 @@ class Progress:
     fingerprint: str
     args: dict
     layers: dict[int, dict] = field(default_factory=dict)  # index -> {"parts": [...], "modules": {...}, "report": {...}}
+    # "modules": name -> ModuleRecord.to_dict(), "report": pipeline.LayerReport as a dict
     next_part: int = 1
     created: bool = False
 
@@ -72,10 +96,16 @@ class Progress:
         atomic_write_json(self.path, {"fingerprint": self.fingerprint, "args": self.args, "next_part": self.next_part,
                                       "layers": {str(k): v for k, v in sorted(self.layers.items())}})  # fmt: skip
 
-    def layer_done(self, i: int, parts: list[str], next_part: int, modules: dict, report: dict | None) -> None:
-        self.layers[i] = {"parts": parts, "modules": modules, "report": report}
+    def layer_done(self, i: int, parts: list[str], next_part: int, modules: dict[str, ModuleRecord],
+                   report: dict | None) -> None:  # fmt: skip
+        self.layers[i] = {"parts": parts, "modules": {n: m.to_dict() for n, m in modules.items()}, "report": report}
         self.next_part = next_part
         self.save()
+
+    def modules(self, i: int | None = None) -> dict[str, ModuleRecord]:
+        """The records of the quantized modules of finished layer i (None: of every finished layer), in order."""
+        layers = sorted(self.layers) if i is None else [i]
+        return {n: ModuleRecord.from_dict(n, d) for k in layers for n, d in self.layers[k]["modules"].items()}
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -7,78 +7,75 @@ Fields (R = out_features, C = in_features, [Rs, G] = `grouping.param_shape`, P =
     scales_q     uint8 [Rs, G]                double-quantized scale codes      (double_quant only)
     scales_step  fp32  [G, ceil(Rs/256)]      double-quant step per block       (double_quant only)
     scales_off   fp32  [G, ceil(Rs/256)]      double-quant offset per block     (double_quant only)
-    qzeros       uint8 [Rs, ceil(G/8)*bits]   integer zero points, packed       (int asym only)
+    qzeros       uint8 [Rs, ceil(G/8)*bits]   integer zero points, packed       (asymmetric int only)
     outlier_crow int32 [R+1]                  CSR row pointers of exact weights (outliers only)
     outlier_col  int16|int32 [nnz]            stored column of each (int16 when C <= 32767)
     outlier_val  fp16  [nnz]                  its value
     perm         int32 [C]                    act-order: stored column j is input column perm[j]
 
-Dequantization: W_stored = decode(codes, scales, zeros); outliers overwrite their entries; then
-W[:, perm] = W_stored. `nbytes()` is the sum of the stored tensors' bytes, so `bits_per_weight()`
-counts every byte written for the layer.
+Dequantization: W_stored = decode(codes, scales, zeros) with the scheme's number format (llmq/formats); outliers
+overwrite their entries; then W[:, perm] = W_stored. `nbytes()` is the sum of the stored tensors' bytes, so
+`bits_per_weight()` counts every byte written for the layer. The names these parts are stored under in a
+checkpoint are llmq/codec.py's business.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import QuantScheme, RowSplit
 from .errors import LlmqError
-from .formats import doublequant, grid, grouping, packing
-
-SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from .formats import grid, grouping, packing, scales
 
 
-def store_scales(scale: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """fp32 scales [Rs, G] -> (the scales dequantization will actually use, fp32; tensors to store).
+def expected_layout(shape: tuple[int, int], scheme: QuantScheme, nnz: int | None = None,
+                    permuted: bool = False) -> dict[str, tuple[torch.dtype, tuple | None]]:  # fmt: skip
+    """The stored tensors of a weight of `shape` under `scheme`: suffix -> (dtype, shape; None = any).
 
-    Stored scales are never below the requested ones (rounded up to the storage grid), so every weight
-    inside the group's range stays within half a step of a grid point."""
-    if scheme.double_quant:
-        q, step, off = doublequant.quantize(scale)
-        stored = {"scales_q": q, "scales_step": step, "scales_off": off}
-        eff = doublequant.dequantize(q, step, off)
-    else:
-        s = scale.to(SCALE_TORCH_DTYPES[scheme.scale_dtype])
-        # round up, never down: a smaller stored scale would leave the range's ends off the grid
-        s = torch.where(s.to(torch.float32) < scale, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
-        if not torch.isfinite(s).all():
-            raise LlmqError(
-                f"a group scale overflows {scheme.scale_dtype} (max {scale.max().item():.3g}); "
-                "use scale_dtype='float32' or 'bfloat16'"
-            )
-        stored, eff = {"scales": s}, s.to(torch.float32)
-    eff = torch.where(eff > 0, eff, torch.full_like(eff, torch.finfo(torch.float32).tiny))
-    return eff, stored
-
-
-def expected_layout(shape: tuple[int, int], scheme: QuantScheme) -> dict[str, tuple[torch.dtype, tuple | None]]:
-    """The stored tensors of a weight of `shape` under `scheme`: suffix -> (dtype, shape or None=any).
-
-    Optional parts (outliers, perm) are listed separately by `OPTIONAL_PARTS`.
+    nnz: the number of outliers, when known (else their tensors' length is left open); permuted: a `perm` is
+    stored (act-order without static groups).
     """
     R, C = shape
     Rs, G = grouping.param_shape(shape, scheme.group_size)
     out: dict[str, tuple[torch.dtype, tuple | None]] = {
         "qweight": (torch.uint8, (R, packing.packed_row_bytes(C, scheme.bits)))
     }
-    if scheme.double_quant:
-        nb = doublequant.n_blocks(Rs)
-        out |= {"scales_q": (torch.uint8, (Rs, G)), "scales_step": (torch.float32, (G, nb)),
-                "scales_off": (torch.float32, (G, nb))}  # fmt: skip
-    else:
-        out["scales"] = (SCALE_TORCH_DTYPES[scheme.scale_dtype], (Rs, G))
-    if scheme.format == "int" and not scheme.sym:
+    out |= scales.layout(scheme, Rs, G)
+    if scheme.has_zeros:
         out["qzeros"] = (torch.uint8, (Rs, packing.packed_row_bytes(G, scheme.bits)))
     if scheme.outliers > 0:
         col_dtype = torch.int16 if C <= 32767 else torch.int32
-        out |= {"outlier_crow": (torch.int32, (R + 1,)), "outlier_col": (col_dtype, None),
-                "outlier_val": (torch.float16, None)}  # fmt: skip
+        n = None if nnz is None else (nnz,)
+        out |= {"outlier_crow": (torch.int32, (R + 1,)), "outlier_col": (col_dtype, n),
+                "outlier_val": (torch.float16, n)}  # fmt: skip
+    if permuted:
+        out["perm"] = (torch.int32, (C,))
     return out
 
 
-OPTIONAL_PARTS = {"perm": torch.int32}
+def layout_nbytes(layout: dict[str, tuple[torch.dtype, tuple]]) -> int:
+    """Bytes of the tensors of a layout whose every shape is known."""
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout.values())
+
+
+def check_parts(name: str, layout: dict[str, tuple[torch.dtype, tuple | None]],
+                found: dict[str, tuple[torch.dtype, tuple]], what: str = "") -> None:  # fmt: skip
+    """Check stored parts (suffix -> (dtype, shape)) against `layout`; raise an LlmqError naming `name`'s tensor.
+    `what` ends the messages (e.g. "for weight (64, 64)")."""
+    missing = [k for k in layout if k not in found]
+    if missing:
+        raise LlmqError(f"{name}: missing tensor(s) {', '.join(name + '.' + k for k in missing)}")
+    extra = set(found) - set(layout)
+    if extra:
+        raise LlmqError(f"{name}: unexpected tensor(s) {sorted(extra)} {what}".rstrip())
+    for k, (dtype, shape) in found.items():
+        want_dtype, want_shape = layout[k]
+        if dtype != want_dtype:
+            raise LlmqError(f"{name}.{k}: dtype {dtype}, expected {want_dtype}")
+        if want_shape is not None and tuple(shape) != tuple(want_shape):
+            raise LlmqError(f"{name}.{k}: shape {tuple(shape)}, expected {tuple(want_shape)} {what}".rstrip())
 
 
 @dataclass
@@ -121,21 +118,9 @@ class QuantizedWeight:
 
     def validate(self, name: str) -> None:
         """Check every stored part's presence, dtype and shape; raise LlmqError naming `name`."""
-        layout = expected_layout(self.shape, self.scheme)
-        missing = [k for k in layout if k not in self.parts]
-        if missing:
-            raise LlmqError(f"{name}: missing tensor(s) {', '.join(name + '.' + k for k in missing)}")
-        extra = set(self.parts) - set(layout) - set(OPTIONAL_PARTS)
-        if extra:
-            raise LlmqError(f"{name}: unexpected tensor(s) {sorted(extra)} for scheme {self.scheme.describe()}")
-        for k, t in self.parts.items():
-            dtype, shp = layout.get(k, (OPTIONAL_PARTS.get(k), None))
-            if t.dtype != dtype:
-                raise LlmqError(f"{name}.{k}: dtype {t.dtype}, expected {dtype}")
-            if shp is not None and tuple(t.shape) != shp:
-                raise LlmqError(f"{name}.{k}: shape {tuple(t.shape)}, expected {shp} for weight {self.shape}")
-        if "perm" in self.parts and tuple(self.parts["perm"].shape) != (self.shape[1],):
-            raise LlmqError(f"{name}.perm: shape {tuple(self.parts['perm'].shape)}, expected ({self.shape[1]},)")
+        layout = expected_layout(self.shape, self.scheme, permuted="perm" in self.parts)
+        found = {k: (t.dtype, tuple(t.shape)) for k, t in self.parts.items()}
+        check_parts(name, layout, found, f"for {self.scheme.describe()} weight {self.shape}")
 
     # ---- reading ------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -143,10 +128,7 @@ class QuantizedWeight:
 
     def scales(self) -> torch.Tensor:
         """Effective fp32 scales [Rs, G]."""
-        p = self.parts
-        if self.scheme.double_quant:
-            return doublequant.dequantize(p["scales_q"], p["scales_step"], p["scales_off"])
-        return p["scales"].to(torch.float32)
+        return scales.effective(self.parts, self.scheme)
 
     def zeros(self) -> torch.Tensor | None:
         if "qzeros" not in self.parts:
@@ -191,9 +173,6 @@ class QuantizedWeight:
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes() / (self.shape[0] * self.shape[1])
 
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{k}": v for k, v in self.parts.items()}
-
 
 def _csr(mask: torch.Tensor, values: torch.Tensor | None) -> dict[str, torch.Tensor]:
     R, C = mask.shape
@@ -206,25 +185,13 @@ def _csr(mask: torch.Tensor, values: torch.Tensor | None) -> dict[str, torch.Ten
     return {"outlier_crow": crow, "outlier_col": cols.to(col_dtype), "outlier_val": vals.to(torch.float16)}
 
 
-def quantize_with_params(
-    W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Store the scales, then encode all of W [R, C] with the stored (effective) scales.
-
-    Returns (codes [R, C] uint8, effective scales [Rs, G], stored scale tensors)."""
-    eff, stored = store_scales(scale, scheme)
-    s = grouping.expand(eff, tuple(W.shape), scheme.group_size)
-    z = None if zero is None else grouping.expand(zero, tuple(W.shape), scheme.group_size)
-    return grid(scheme).encode(W, s, z, scheme), eff, stored
-
-
 @dataclass
 class RowSplitWeight:
     """A linear weight quantized per output row with several schemes (config.RowSplit): piece k holds the
     rows r with part[r] == k, in increasing order, as an ordinary QuantizedWeight of shape [R_k, C].
 
-    Stored as `row_part` (uint8 [R]) and each piece's tensors under `pieces.{k}.` (docs/FORMAT.md), so
-    `nbytes()` = R + the pieces' bytes."""
+    Stored as `row_part` (uint8 [R]) and each piece's tensors under `pieces.{k}.` (llmq/codec.py, docs/FORMAT.md),
+    so `nbytes()` = R + the pieces' bytes."""
 
     shape: tuple[int, int]
     split: RowSplit
@@ -239,27 +206,6 @@ class RowSplitWeight:
             raise LlmqError(f"row split for {W.shape[0]} rows has {len(split.part)} entries")
         pieces = [fn(W[torch.tensor(split.rows(k))], s) for k, s in enumerate(split.schemes)]
         return cls((W.shape[0], W.shape[1]), split, pieces)
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], shape, schemes: list[QuantScheme],
-                     name: str) -> "RowSplitWeight":  # fmt: skip
-        """`tensors`: this module's stored tensors without the module prefix (row_part, pieces.K.*)."""
-        part = tensors.get("row_part")
-        if part is None:
-            raise LlmqError(f"{name}: missing tensor {name}.row_part")
-        if part.dtype != torch.uint8 or tuple(part.shape) != (shape[0],):
-            raise LlmqError(f"{name}.row_part: {part.dtype} {tuple(part.shape)}, expected uint8 ({shape[0]},)")
-        split = RowSplit(tuple(schemes), tuple(part.tolist()))
-        pieces = []
-        for k, s in enumerate(schemes):
-            pre = f"pieces.{k}."
-            own = {key[len(pre):]: v for key, v in tensors.items() if key.startswith(pre)}
-            pieces.append(QuantizedWeight.from_tensors(own, (len(split.rows(k)), shape[1]), s, f"{name}.pieces.{k}"))
-        known = {"row_part"} | {f"pieces.{k}.{n}" for k, q in enumerate(pieces) for n in q.parts}
-        extra = sorted(set(tensors) - known)
-        if extra:
-            raise LlmqError(f"{name}: unexpected tensor(s) {extra[:5]} for a split of {len(schemes)} schemes")
-        return cls(tuple(shape), split, pieces)
 
     def validate(self, name: str) -> None:
         for k, q in enumerate(self.pieces):
@@ -283,12 +229,6 @@ class RowSplitWeight:
 
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes() / (self.shape[0] * self.shape[1])
-
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.row_part": self.row_part}
-        for k, q in enumerate(self.pieces):
-            out |= q.tensors(f"{prefix}.pieces.{k}")
-        return out
 
     def describe(self) -> str:
         """e.g. 'rows: int2-g32-dq 120, nf3-g128-dq 400, nf4-g128-dq 56'."""

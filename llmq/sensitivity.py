@@ -7,8 +7,8 @@ Estimate (second order, K-FAC style): quantizing a linear W [out, in] into Ŵ ch
 with A = E_t[x_t x_tᵀ] the second moment of the layer's inputs (GPTQ's Hessian, up to a factor 2) and
 G_r = E_t[g_{t,r}²] the mean squared gradient of the (summed) token loss with respect to output r. This is
 the Fisher of the layer's weights under the Kronecker factorisation E[g gᵀ ⊗ x xᵀ] ≈ E[g gᵀ] ⊗ E[x xᵀ],
-keeping the diagonal of the first factor (on SmolLM2 the full factor changed the estimates by < 1% and the
-allocations' measured quality by less than noise: quantization errors of different rows are uncorrelated).
+keeping the diagonal of the first factor (quantization errors of different rows are uncorrelated: the full factor
+changed neither the estimates nor the allocations measurably, benchmarks/results/notes.md).
 A alone (GPTQ's objective) measures how far the layer's *output* moves; G says how much the final loss cares
 about each output — which is what separates a first-layer v_proj from a middle-layer gate_proj. Both come
 from one forward + backward pass per calibration window of the full-precision model (no weight gradients
@@ -17,8 +17,7 @@ are formed: hooks read the inputs and the gradients of the outputs).
 The gradients g are taken for next tokens *sampled from the model's own prediction* (fisher="true"): the
 expected Fisher, which for softmax cross-entropy is the Gauss-Newton matrix, the curvature a second-order
 estimate needs. The "empirical" Fisher (gradients for the data's next tokens) is a worse curvature proxy
-(Kunstner et al. 2019): on SmolLM2 it overstated the measured loss increase of whole models 1.5-2x and gave
-worse allocations at every target tried (calibration loss of the mixed models, 3.0-4.5 bits).
+(Kunstner et al. 2019), and measured so (benchmarks/results/notes.md).
 
 Each candidate scheme's Ŵ comes from the method that will really be used (GPTQ with A, or RTN), so the
 table holds the damage and the *measured* bytes (every part: codes, scales, zeros, outliers) of exactly

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,12 @@ TINY = {
     "opt": dict(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
                 max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1),
 }  # fmt: skip
+
+
+def quantize_killed_after(layer: int, *argv) -> subprocess.CompletedProcess:
+    """Run `llmq quantize *argv` in a process that is SIGKILLed right after decoder layer `layer` is recorded."""
+    cmd = [sys.executable, str(REPO / "tests" / "crashing_quantize.py"), str(layer), *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True)
 
 
 def make_tiny(model_type: str, vocab: int = 256, seed: int = 0, **over):

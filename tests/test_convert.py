@@ -13,7 +13,7 @@ import llmq
 from llmq.cli import main
 from llmq.errors import LlmqError
 
-from conftest import make_tiny, make_tokenizer
+from conftest import make_tiny, make_tokenizer, quantize_killed_after
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_kill9_then_resume_is_bit_identical(src4, sample_text, tmp_path, method)
     if method == "gptq-fp-inputs":  # resuming advances the fp activations through the fp layer, not the quantized
         args += ["--gptq-inputs", "fp"]
     a, b = tmp_path / "interrupted", tmp_path / "straight"
-    r = cli(src4, a, *args, env={"LLMQ_TEST_KILL_AFTER_LAYER": "1"})
+    r = quantize_killed_after(1, src4, a, "--quiet", *args)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert not (a / "config.json").exists()  # never looks complete
     progress = json.loads((a / "llmq_progress.json").read_text())
@@ -66,7 +66,7 @@ def test_kill9_then_resume_is_bit_identical(src4, sample_text, tmp_path, method)
 
 def test_resume_with_other_arguments_is_refused(src4, tmp_path):
     out = tmp_path / "q"
-    assert cli(src4, out, "--bits", "4", env={"LLMQ_TEST_KILL_AFTER_LAYER": "0"}).returncode == -signal.SIGKILL
+    assert quantize_killed_after(0, src4, out, "--quiet", "--bits", "4").returncode == -signal.SIGKILL
     r = cli(src4, out, "--bits", "3")
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()[-1]
@@ -121,7 +121,7 @@ def test_peak_rss_is_the_conversions_own_not_its_parents():
     """summary.json's peak_rss_mb must not inherit the launching process's size (Linux keeps ru_maxrss across
     fork + exec): a child of a parent holding 1.5 GB reports only what it used itself."""
     big = b"\x01" * (1536 << 20)  # written, so resident
-    code = "from llmq.convert import peak_rss_mb; print(peak_rss_mb())"
+    code = "from llmq.summary import peak_rss_mb; print(peak_rss_mb())"
     child = float(subprocess.check_output([sys.executable, "-c", code], text=True).split()[-1])
     del big
     assert 20 < child < 1000, child

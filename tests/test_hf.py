@@ -130,7 +130,7 @@ def test_wrong_version_and_missing_tensor_name_the_module(qdir):
     t = load_file(shard)
     del t["model.layers.1.self_attn.o_proj.scales"]
     save_file(t, shard, metadata={"format": "pt"})
-    with pytest.raises(LlmqError, match=r"model.layers.1.self_attn.o_proj: tensor\(s\) model.layers.1.self_attn.o_proj.scales missing"):
+    with pytest.raises(LlmqError, match=r"model.layers.1.self_attn.o_proj: missing tensor\(s\) model.layers.1.self_attn.o_proj.scales"):
         AutoModelForCausalLM.from_pretrained(d2)
 
 

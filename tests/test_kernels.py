@@ -17,7 +17,8 @@ triton = pytest.importorskip("triton")
 from llmq.algorithms.gptq import gptq  # noqa: E402
 from llmq.algorithms.rtn import rtn  # noqa: E402
 from llmq.config import GPTQConfig, QuantScheme  # noqa: E402
-from llmq.kernels import layout, triton_matmul, triton_why_not  # noqa: E402
+from llmq.backends.triton import matmul as triton_matmul, why_not as triton_why_not  # noqa: E402
+from llmq.kernels import layout  # noqa: E402
 from llmq.kernels.gemm import gemm  # noqa: E402
 from llmq.kernels.skinny import skinny  # noqa: E402
 from llmq.nn import QuantLinear  # noqa: E402

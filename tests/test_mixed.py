@@ -14,7 +14,7 @@ from llmq.config import DEFAULT_CANDIDATES, QuantScheme, scheme_from_name
 from llmq.errors import LlmqError
 from llmq.sensitivity import damage, layer_stats
 
-from conftest import make_tiny, make_tokenizer
+from conftest import make_tiny, make_tokenizer, quantize_killed_after
 
 
 def brute_force(damage_t, nbytes, budget):
@@ -226,7 +226,7 @@ def test_resume_reuses_the_allocation(src, sample_text, tmp_path):
     out = tmp_path / "m"
     cmd = [sys.executable, "-m", "llmq", "quantize", str(src), str(out), "--quiet", "--target-bpw", "3.2",
            "--candidates", CANDS, "--calib", str(sample_text), "--nsamples", "4", "--seqlen", "32"]  # fmt: skip
-    r = subprocess.run(cmd, env={**__import__("os").environ, "LLMQ_TEST_KILL_AFTER_LAYER": "0"}, capture_output=True)
+    r = quantize_killed_after(0, *cmd[4:])
     assert r.returncode != 0 and (out / "sensitivity.json").is_file() and not (out / "config.json").exists()
     before = (out / "sensitivity.json").read_text()
     assert subprocess.run(cmd, capture_output=True).returncode == 0
@@ -303,8 +303,12 @@ def test_row_split_weight_is_its_pieces_and_runs():
         rows = torch.tensor(split.rows(k))
         assert torch.equal(Wd[rows], rtn(W[rows], s).dequantize())
     assert qw.nbytes() == 40 + sum(q.nbytes() for q in qw.pieces)
-    back = RowSplitWeight.from_tensors({k.removeprefix("m."): v for k, v in qw.tensors("m").items()}, (40, 96),
-                                       list(split.schemes), "m")  # fmt: skip
+    from llmq import codec
+    from llmq.record import ModuleRecord
+
+    rec = ModuleRecord.of("m", qw)
+    assert rec.nbytes() == qw.nbytes() and set(codec.encode("m", qw)) == set(codec.layout(rec))
+    back = codec.decode(rec, codec.encode("m", qw))
     assert torch.equal(back.dequantize(), Wd)
     x = torch.randn(3, 96, generator=g)
     bias = torch.randn(40, generator=g)
@@ -353,7 +357,7 @@ def test_resume_with_row_granularity(src, sample_text, tmp_path):
     cmd = [sys.executable, "-m", "llmq", "quantize", str(src), str(out), "--quiet", "--target-bpw", "3.2",
            "--granularity", "row", "--candidates", "int2-g32,int4-g32,int8-g32", "--calib", str(sample_text),
            "--nsamples", "4", "--seqlen", "32"]  # fmt: skip
-    r = subprocess.run(cmd, env={**__import__("os").environ, "LLMQ_TEST_KILL_AFTER_LAYER": "0"}, capture_output=True)
+    r = quantize_killed_after(0, *cmd[4:])
     assert r.returncode != 0 and (out / "sensitivity_rows.safetensors").is_file()
     before = json.loads((out / "sensitivity.json").read_text())["allocation"]
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -19,10 +19,11 @@ import torch
 
 from ..config import GPTQConfig, PER_CHANNEL, PER_TENSOR, QuantScheme
 from ..errors import LlmqError
-from ..formats import grid, grouping
-from ..qtensor import QuantizedWeight, store_scales
+from ..formats import grid, grouping, scales
+from ..qtensor import QuantizedWeight
 from . import outliers as outlier_sel
-from .rtn import group_params, rtn
+from .params import group_params
+from .rtn import rtn
 
 log = logging.getLogger("llmq")
 
@@ -109,13 +110,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     dynamic = gs not in (PER_CHANNEL, PER_TENSOR) and not (cfg.act_order and cfg.static_groups)
     keep = None if exact is None else ~exact
     scale = torch.zeros(Rs, G)
-    zero = None if scheme.format != "int" or scheme.sym else torch.zeros(Rs, G)
+    zero = torch.zeros(Rs, G) if scheme.has_zeros else None
     if not dynamic:  # all group parameters up front, from the unquantized weight, original column order
         s, z = group_params(W, scheme, keep, diagH)
         scale.copy_(s)
         if zero is not None:
             zero.copy_(z)
-    eff = store_scales(scale, scheme)[0] if not dynamic else torch.zeros(Rs, G)
+    eff = scales.store(scale, scheme)[0] if not dynamic else torch.zeros(Rs, G)
 
     # visiting order: column j of Wp is original column perm[j]
     Wp = W[:, perm]
@@ -131,7 +132,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
             s, z = group_params(Wp[:, i1 : i1 + L], scheme, None if exact_p is None else ~exact_p[:, i1 : i1 + L],
                                 diagH[perm][i1 : i1 + L])  # fmt: skip
             scale[:, gi : gi + 1] = s
-            eff[:, gi : gi + 1] = store_scales(s, scheme)[0]
+            eff[:, gi : gi + 1] = scales.store(s, scheme)[0]
             if zero is not None:
                 zero[:, gi : gi + 1] = z
         # the block is held transposed, [B, R]: column j of W is a contiguous row (fast on CPU)
@@ -159,7 +160,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
         codes[:, i1:i2] = C1.t()
         Wp[:, i2:] -= Err1.t() @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
 
-    stored = store_scales(scale, scheme)[1]
+    stored = scales.store(scale, scheme)[1]
     out = None if exact_p is None else (exact_p, kept)
     if cfg.act_order and not dynamic:  # back to the original column order: no permutation stored
         inv = torch.argsort(perm)

@@ -1,9 +1,77 @@
-"""Number formats. `grid(scheme)` returns the module implementing find_params / encode / decode."""
-from types import ModuleType
+"""Number formats: a registry with one entry per format, looked up by the scheme's `format` name.
 
-from ..config import NF_BITS, QuantScheme
+An entry gives the code widths the format stores (its default first), its codebook (the value of each code for an
+absmax-scaled codebook; None for a uniform integer grid), whether it stores integer zero points (asymmetric
+grids), and the three functions every algorithm uses:
+
+    find_params(Wg [Rs, G, L], mask, scheme, shrink) -> (scale [Rs, G], zero [Rs, G] or None)
+    encode(W, scale, zero, scheme) -> codes uint8          decode(codes, scale, zero, scheme) -> W fp32
+
+Adding a format is its table or arithmetic in a module here and one `register` call below. QuantScheme's
+validation, scheme names (`config.scheme_from_name`), the CLI's --format, RTN, GPTQ, the clip search, double
+quantization, checkpoints, both loaders, the reference backend and the Triton kernels' decode table read it from
+here; nothing else names a format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import LlmqError
 from . import integer, nf
 
 
-def grid(scheme: QuantScheme) -> ModuleType:
-    return nf if scheme.format in NF_BITS else integer
+@dataclass(frozen=True, eq=False)
+class NumberFormat:
+    name: str
+    bits: tuple[int, ...]  # code widths it can store, the default first
+    codebook: torch.Tensor | None  # fp32 [2**bits]: value of each code (absmax-scaled); None: uniform integer grid
+    zero_points: bool  # asymmetric schemes store an integer zero point per group
+    find_params: Callable
+    encode: Callable
+    decode: Callable
+    help: str
+
+    @property
+    def default_bits(self) -> int:
+        return self.bits[0]
+
+
+FORMATS: dict[str, NumberFormat] = {}
+
+
+def register(fmt: NumberFormat) -> NumberFormat:
+    if fmt.name in FORMATS:
+        raise ValueError(f"number format {fmt.name!r} is registered twice")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get(name: str) -> NumberFormat:
+    """The format called `name`, or an LlmqError listing the known ones."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise LlmqError(f"format={name!r} is not supported; use one of {tuple(FORMATS)}") from None
+
+
+def grid(scheme) -> NumberFormat:
+    """The format of a QuantScheme."""
+    return get(scheme.format)
+
+
+def codebook_formats() -> tuple[str, ...]:
+    return tuple(n for n, f in FORMATS.items() if f.codebook is not None)
+
+
+def _absmax(name: str, book, help: str) -> NumberFormat:
+    return NumberFormat(name, (book.bits,), book.values, False, book.find_params, book.encode, book.decode, help)
+
+
+register(NumberFormat("int", (4, 2, 3, 8), None, True, integer.find_params, integer.encode, integer.decode,
+                      "uniform integer grid; --sym without zero points"))
+register(_absmax("nf4", nf.NF4, "NormalFloat codebook of 16 values (QLoRA)"))
+register(_absmax("nf3", nf.NF3, "NormalFloat codebook of 8 values"))
+register(_absmax("nf2", nf.NF2, "codebook -1, -1/4, 1/4, 1"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DQ_BLOCK
+DQ_BLOCK = 256  # scales re-quantized in blocks of this many rows
 
 
 def n_blocks(rows: int) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import PER_CHANNEL, PER_TENSOR
+PER_CHANNEL = -1  # group_size for one scale per output row
+PER_TENSOR = 0  # group_size for one scale for the whole matrix
 
 
 def group_len(in_features: int, group_size: int) -> int:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import QuantScheme
-
 
 def find_params(
-    Wg: torch.Tensor, mask: torch.Tensor | None, scheme: QuantScheme, shrink: torch.Tensor | float = 1.0
+    Wg: torch.Tensor, mask: torch.Tensor | None, scheme, shrink: torch.Tensor | float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Wg [Rs, G, L] -> (scale [Rs, G] fp32, zero [Rs, G] fp32 integer-valued, or None when symmetric).
 
@@ -37,16 +35,16 @@ def find_params(
     return scale, zero
 
 
-def zero_point(zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor | float:
+def zero_point(zero: torch.Tensor | None, scheme) -> torch.Tensor | float:
     return float(1 << (scheme.bits - 1)) if zero is None else zero
 
 
-def encode(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+def encode(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme) -> torch.Tensor:
     """Codes (uint8) of W for broadcastable scale/zero (fp32)."""
     z = zero_point(zero, scheme)
     return torch.clamp(torch.round(W / scale) + z, 0, scheme.maxq).to(torch.uint8)
 
 
-def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme) -> torch.Tensor:
     z = zero_point(zero, scheme)
     return scale * (q.to(torch.float32) - z)

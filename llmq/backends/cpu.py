@@ -1,31 +1,27 @@
-"""QuantLinear backends other than `reference`: what each can serve, and its repacked form.
+"""The `cpu` backend: PyTorch's native packed int4 / int8 kernels, repacked once at load.
 
-cpu (PyTorch's native packed kernels, repacked once at load; buffers are non-persistent, so the state
-dict stays the checkpoint's layout):
-  - int4, group 32/64/128/256, per channel or per tensor (groups of 128 with repeated scales);
-    in_features is zero-padded to a multiple of the group: `torch._weight_int4pack_mm_for_cpu`, which computes w = (q - 8)·s + zero' with
-    bf16 activations; ours is w = s·(q - z), so zero' = s·(8 - z). Activations are cast to bf16.
+  - int4, group 32/64/128/256, per channel or per tensor (groups of 128 with repeated scales); in_features is
+    zero-padded to a multiple of the group: `torch._weight_int4pack_mm_for_cpu`, which computes
+    w = (q - 8)·s + zero' with bf16 activations; ours is w = s·(q - z), so zero' = s·(8 - z).
   - int8, per channel or per tensor: `torch._weight_int8pack_mm` (w = int8 · s per row) on q - 128, plus
-    s·(128 - z)·Σx for asymmetric zero points. Activations are cast to bf16 too (its fp32 path is ~14x slower).
-Outliers are a sparse correction added after the matmul (y += x·Sᵀ, S = exact - dequantized at those
-entries); a permutation gathers the activations first (x[:, perm]).
+    s·(128 - z)·Σx for asymmetric zero points.
+Activations are cast to bf16 for both (the int8 op's fp32 path is much slower: benchmarks/results/notes.md).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from .config import PER_CHANNEL, PER_TENSOR, QuantScheme
-from .formats import grouping
+from ..config import PER_CHANNEL, PER_TENSOR, QuantScheme
+from ..formats import grouping
 
+NAME = "cpu"
 INT4_GROUPS = (32, 64, 128, 256)
 
 
 def int4_group(scheme: QuantScheme, in_features: int) -> int | None:
     """The tinygemm group size that serves this scheme, or None. K need not be a multiple of it: K is
     zero-padded (padded columns meet zero activations; a short last group keeps its own scale)."""
-    if scheme.format != "int" or scheme.bits != 4:
+    if scheme.number_format.codebook is not None or scheme.bits != 4:
         return None
     if scheme.group_size in (PER_CHANNEL, PER_TENSOR):
         return 128  # one scale per row (or tensor), repeated over groups of 128
@@ -36,10 +32,12 @@ def padded_k(in_features: int, gs: int) -> int:
     return -(-in_features // gs) * gs
 
 
-def cpu_supports(scheme: QuantScheme, shape: tuple[int, int]) -> str | None:
+def why_not(scheme: QuantScheme, shape: tuple[int, int], device: torch.device) -> str | None:
     """None if the cpu backend can serve this layer, else why not."""
+    if device.type != "cpu":
+        return f"tensors on {device}"
     N, K = shape
-    if scheme.format == "int" and scheme.bits == 8:
+    if scheme.number_format.codebook is None and scheme.bits == 8:
         return None if scheme.group_size in (PER_CHANNEL, PER_TENSOR) else "int8 with groups (native op is per channel)"
     if int4_group(scheme, K) is None:
         return (f"{scheme.describe()}: the native ops serve int4 (groups {INT4_GROUPS}, per channel, per "
@@ -47,17 +45,6 @@ def cpu_supports(scheme: QuantScheme, shape: tuple[int, int]) -> str | None:
     if N % 16:  # tinygemm's packing tiles
         return f"shape {shape}: int4 packing needs out_features % 16 == 0"
     return None
-
-
-def outlier_correction(qw) -> torch.Tensor | None:
-    """Sparse [N, K] fp32 (CSR) of exact minus dequantized values at the outliers, stored column order."""
-    if "outlier_crow" not in qw.parts:
-        return None
-    rows, cols, vals = qw.outliers()
-    delta = vals.float() - qw.dequantize_stored(outliers=False)[rows, cols]  # CSR order, as stored
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(qw.parts["outlier_crow"].long(), cols, delta, qw.shape)
 
 
 def repack_int4(qw) -> dict[str, torch.Tensor]:
@@ -87,9 +74,13 @@ def repack_int8(qw) -> dict[str, torch.Tensor]:
     return {"int8_w": w8, "int8_s": s.to(torch.bfloat16), "int8_c": None if c is None else c.to(torch.bfloat16)}
 
 
-def cpu_matmul(x2: torch.Tensor, packed: dict) -> torch.Tensor:
+def repack(qw) -> dict:
+    return repack_int8(qw) if qw.scheme.bits == 8 else repack_int4(qw)
+
+
+def matmul(x2: torch.Tensor, packed: dict) -> torch.Tensor:
     """x2 [M, K] (already permuted) -> [M, N] in x2's dtype."""
-    xb = x2.to(torch.bfloat16)  # both native kernels are fast with bf16 activations (int8 with fp32: ~14x slower)
+    xb = x2.to(torch.bfloat16)  # both native kernels are fast with bf16 activations (int8's fp32 path is not)
     if "int4_packed" in packed:
         pad = packed["int4_pad"]
         if pad:

@@ -1,0 +1,145 @@
+"""Quantized weights <-> the tensors a checkpoint stores for them, by name (docs/FORMAT.md).
+
+A module NAME quantized whole stores its QuantizedWeight's parts as `NAME.<part>` (`NAME.qweight`, `NAME.scales`,
+...); one split by output row stores `NAME.row_part` (uint8 [R]) and each piece's parts under
+`NAME.pieces.K.<part>`. `encode` and `decode` are each other's inverse. `layout` gives every stored name's dtype and
+shape from the record alone, so `check_headers` can hold a checkpoint's safetensors headers against its config
+before a byte of data is read. The rest of a model's state (norms, embeddings, biases) is stored under its own
+names, in the storage dtype (`stored_tensors`); the sentinel (llmq/hf.py) sits under the first module's `.weight`.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from .config import RowSplit
+from .errors import LlmqError
+from .qtensor import QuantizedWeight, RowSplitWeight, check_parts
+from .record import CheckpointRecord, ModuleRecord
+
+SPLIT_INDEX = "row_part"
+PIECES = "pieces"
+
+
+def piece_prefix(name: str, rec: ModuleRecord, k: int) -> str:
+    """Where piece k of module `name` is stored: NAME. (whole) or NAME.pieces.K. (split by row)."""
+    return f"{name}.{PIECES}.{k}." if rec.split else f"{name}."
+
+
+def layout(rec: ModuleRecord) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Full tensor name -> (dtype, shape) of everything module `rec` stores except its bias."""
+    out = {f"{rec.name}.{SPLIT_INDEX}": (torch.uint8, (rec.shape[0],))} if rec.split else {}
+    for k, piece in enumerate(rec.pieces):
+        pre = piece_prefix(rec.name, rec, k)
+        out |= {pre + suffix: spec for suffix, spec in piece.layout().items()}
+    return out
+
+
+def encode(name: str, qw: QuantizedWeight | RowSplitWeight) -> dict[str, torch.Tensor]:
+    """The tensors stored for module `name` (without its bias)."""
+    if isinstance(qw, RowSplitWeight):
+        out = {f"{name}.{SPLIT_INDEX}": qw.row_part}
+        for k, q in enumerate(qw.pieces):
+            out |= {f"{name}.{PIECES}.{k}.{s}": v for s, v in q.parts.items()}
+        return out
+    return {f"{name}.{s}": v for s, v in qw.parts.items()}
+
+
+def module_keys(rec: ModuleRecord, keys) -> list[str]:
+    """The checkpoint keys under module `rec`'s name that are its stored parts (leaving out its bias, the sentinel
+    under `NAME.weight` and any child module's tensors); a stray key there is caught by `decode`."""
+    pre = f"{rec.name}."
+    own = []
+    for k in keys:
+        if not k.startswith(pre) or k in (f"{pre}weight", f"{pre}bias"):
+            continue
+        rest = k[len(pre):]
+        if "." not in rest or (rec.split and rest.startswith(f"{PIECES}.")):
+            own.append(k)
+    return own
+
+
+def decode(rec: ModuleRecord, tensors: dict[str, torch.Tensor]) -> QuantizedWeight | RowSplitWeight:
+    """Module `rec`'s weight from its stored tensors (full names, as `module_keys` selects them), checked against
+    the record: every tensor present with the dtype and shape the record implies, and nothing else."""
+    found = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    check_parts(rec.name, _relative(rec.name, layout(rec)), _relative(rec.name, found))
+    if not rec.split:
+        pre = f"{rec.name}."
+        return QuantizedWeight.from_tensors({k[len(pre):]: v for k, v in tensors.items()}, rec.shape, rec.scheme,
+                                            rec.name)  # fmt: skip
+    part = tensors[f"{rec.name}.{SPLIT_INDEX}"]
+    counts = torch.bincount(part.long(), minlength=len(rec.pieces)).tolist()
+    if len(counts) != len(rec.pieces) or counts != [p.shape[0] for p in rec.pieces]:
+        raise LlmqError(f"{rec.name}.{SPLIT_INDEX}: assigns rows {counts} to the pieces, config.json says "
+                        f"{[p.shape[0] for p in rec.pieces]}")  # fmt: skip
+    split = RowSplit(rec.schemes, tuple(part.tolist()))
+    pieces = []
+    for k, piece in enumerate(rec.pieces):
+        pre = piece_prefix(rec.name, rec, k)
+        own = {key[len(pre):]: v for key, v in tensors.items() if key.startswith(pre)}
+        pieces.append(QuantizedWeight.from_tensors(own, piece.shape, piece.scheme, pre[:-1]))
+    return RowSplitWeight(rec.shape, split, pieces)
+
+
+def _relative(name: str, d: dict) -> dict:
+    pre = f"{name}."
+    return {k[len(pre):]: v for k, v in d.items()}
+
+
+def check_headers(record: CheckpointRecord, headers: dict[str, tuple], where: str) -> set[str]:
+    """Hold every quantized module's stored tensors (from the safetensors headers: name -> (dtype, shape, ...))
+    against the record, before any data is read. Returns the names the quantized modules own."""
+    owned = set()
+    for rec in record.modules.values():
+        keys = module_keys(rec, headers)
+        found = {k[len(rec.name) + 1:]: (headers[k][0], headers[k][1]) for k in keys}
+        check_parts(rec.name, _relative(rec.name, layout(rec)), found, f"(in {where})")
+        owned |= set(keys)
+    return owned
+
+
+# ---- whole models -------------------------------------------------------------------------------
+def linear_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+def sentinel_tensor(first_module: str) -> dict[str, torch.Tensor]:
+    """See llmq/hf.py: makes plain transformers refuse to load an llmq checkpoint without llmq imported."""
+    return {f"{first_module}.weight": torch.zeros(0, dtype=torch.uint8)}
+
+
+def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with tied duplicates (e.g. lm_head.weight = embed_tokens.weight) dropped."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def stored_tensors(state: dict[str, torch.Tensor], qweights: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What the checkpoint holds for `state` (part of a state dict): quantized modules' packed parts instead
+    of their weights, every other float tensor in the storage `dtype`."""
+    out = {}
+    for name, qw in qweights.items():
+        out |= encode(name, qw)
+    skip = {f"{n}.weight" for n in qweights}
+    for k, v in state.items():
+        if k not in skip:
+            out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def checkpoint_tensors(model, qweights: dict, dtype: torch.dtype):
+    """Yield (name -> tensor) chunks to store for an in-memory model."""
+    if qweights:
+        yield sentinel_tensor(next(iter(qweights)))
+    state = unique_state(model)
+    for name, qw in qweights.items():
+        part = {k: state.pop(k) for k in (f"{name}.weight", f"{name}.bias") if k in state}
+        yield stored_tensors(part, {name: qw}, dtype)
+    yield stored_tensors(state, {}, dtype)

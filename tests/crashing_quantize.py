@@ -1,0 +1,21 @@
+"""`llmq quantize` that SIGKILLs itself right after decoder layer N is on disk and recorded: what a crash at that
+point leaves behind. Usage: python tests/crashing_quantize.py N MODEL OUT [llmq quantize flags...]"""
+import os
+import signal
+import sys
+
+from llmq.cli import build_parser, quantize_request
+from llmq.convert import convert
+
+
+def kill_after(n: int):
+    def on_layer_done(i: int) -> None:
+        if i == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_layer_done
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args(["quantize", *sys.argv[2:]])
+    convert(quantize_request(args), on_layer_done=kill_after(int(sys.argv[1])))
