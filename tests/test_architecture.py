@@ -12,7 +12,7 @@ PACKAGES = {"llmq": REPO / "llmq", "llmq.kernels": REPO / "kernels", "llmq.eval"
 LAYERS = [
     ["llmq.errors", "llmq.version", "llmq.dtypes"],
     ["llmq.formats.grouping", "llmq.formats.packing", "llmq.formats.doublequant", "llmq.formats.scales",
-     "llmq.formats.integer", "llmq.formats.codebook", "llmq.formats.nf", "llmq.formats"],
+     "llmq.formats.integer", "llmq.formats.codebook", "llmq.formats.nf", "llmq.formats.fp", "llmq.formats"],
     ["llmq.config"],
     ["llmq.qtensor"],
     ["llmq.algorithms.outliers", "llmq.algorithms.clipping", "llmq.algorithms.params", "llmq.algorithms.rtn",

@@ -18,6 +18,7 @@ SCHEMES = {
     "nf4-g64-dq": ["--format", "nf4", "--group-size", "64", "--double-quant"],
     "nf3-g32-dq": ["--format", "nf3", "--group-size", "32", "--double-quant"],  # --bits implied by the format
     "nf2-g64-dq": ["--format", "nf2", "--group-size", "64", "--double-quant"],
+    "fp4-g32": ["--format", "fp4", "--group-size", "32"],
     "int8-pc": ["--bits", "8", "--group-size", "-1"],
     "int3-sym-out": ["--bits", "3", "--sym", "--group-size", "32", "--outliers", "0.01"],
     "int2-g32-clip": ["--bits", "2", "--group-size", "32", "--clip-search"],

@@ -5,6 +5,7 @@ from llmq.algorithms.rtn import rtn
 from llmq.config import QuantScheme, scheme_from_name
 from llmq.errors import LlmqError
 from llmq.formats import grouping
+from llmq.formats.fp import FP4_CODEBOOK
 from llmq.formats.nf import NF2_CODEBOOK, NF3_CODEBOOK, NF4_CODEBOOK
 
 
@@ -35,7 +36,7 @@ def test_double_quant_keeps_half_step(double_quant):
 
 
 @pytest.mark.parametrize("fmt,bits,book", [("nf4", 4, NF4_CODEBOOK), ("nf3", 3, NF3_CODEBOOK),
-                                          ("nf2", 2, NF2_CODEBOOK)])
+                                          ("nf2", 2, NF2_CODEBOOK), ("fp4", 4, FP4_CODEBOOK)])
 @pytest.mark.parametrize("group_size", [64, 128, 100])
 def test_nf_picks_the_nearest_code(fmt, bits, book, group_size):
     W = randn(16, 300, seed=1)
@@ -78,6 +79,27 @@ def test_nf3_stores_3_bit_codes_and_no_zero_points():
     assert e["nf3"] < 1.1 * e["int3"], e
 
 
+def test_fp4_is_e2m1_bit_patterns():
+    """Code c is the E2M1 bit pattern s·e1e0·m (exponent bias 1, e = 0 subnormal), scaled so that 6 maps to 1."""
+    for c in range(16):
+        s, e, m = c >> 3, (c >> 1) & 3, c & 1
+        value = (-1) ** s * (m * 0.5 if e == 0 else 2 ** (e - 1) * (1 + m / 2))
+        assert FP4_CODEBOOK[c] == torch.tensor(value / 6, dtype=torch.float32), c
+    assert sorted(set((FP4_CODEBOOK * 6).abs().tolist())) == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+
+
+def test_fp4_never_emits_minus_zero_and_costs_what_nf4_costs():
+    W = randn(512, 1024, seed=2)
+    W[0, :64] = torch.tensor([-1e-7, 0.0, 1e-7, 3.0] * 16)  # tiny values of either sign round to +0
+    fp4, nf4 = rtn(W, scheme_from_name("fp4-g64-dq")), rtn(W, scheme_from_name("nf4-g64-dq"))
+    codes = fp4.codes()
+    assert 8 not in codes.unique().tolist() and codes[0, :3].tolist() == [0, 0, 0]
+    assert fp4.nbytes() == nf4.nbytes() and "qzeros" not in fp4.parts
+    # QLoRA's finding on normally distributed weights: NF4's levels fit them better than FP4's
+    e = {k: float((q.dequantize() - W).square().mean()) for k, q in {"fp4": fp4, "nf4": nf4}.items()}
+    assert e["nf4"] < 0.85 * e["fp4"], e
+
+
 def test_nf2_stores_2_bit_codes_and_beats_int2():
     """nf2-g64-dq: 2 bits of codes + 8/64 of scale codes + the double-quant blocks, 2/64 below int2-g64-dq (no
     zero points), and less squared error than the asymmetric int2 grid on bell-shaped weights (both with clip
@@ -93,14 +115,14 @@ def test_nf2_stores_2_bit_codes_and_beats_int2():
 
 
 @pytest.mark.parametrize("bad", [dict(format="nf3", bits=4), dict(format="nf4", bits=3), dict(format="nf5", bits=4),
-                                 dict(format="nf2", bits=4)])
+                                 dict(format="nf2", bits=4), dict(format="fp4", bits=3)])
 def test_nf_width_is_checked(bad):
     with pytest.raises(LlmqError, match="format="):
         QuantScheme(**bad)
 
 
 def test_bits_default_to_the_formats_width():
-    assert [QuantScheme(format=f).bits for f in ("int", "nf4", "nf3", "nf2")] == [4, 4, 3, 2]
+    assert [QuantScheme(format=f).bits for f in ("int", "nf4", "nf3", "nf2", "fp4")] == [4, 4, 3, 2, 4]
     assert QuantScheme(format="nf3", group_size=64) == scheme_from_name("nf3-g64")
 
 
@@ -168,7 +190,7 @@ def test_outliers_are_exact_and_counted():
         (dict(bits=5), "bits=5"),
         (dict(bits=3, format="nf4"), "nf4"),
         (dict(group_size=7), "group_size=7"),
-        (dict(format="fp4"), "format='fp4'"),
+        (dict(format="fp8"), "format='fp8'"),
         (dict(outliers=0.7), "outliers=0.7"),
         (dict(scale_dtype="int8"), "scale_dtype"),
     ],

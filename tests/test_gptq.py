@@ -26,7 +26,7 @@ def out_err(W, Wh, X):
 SCHEMES = {"int4": QuantScheme(bits=4, group_size=128), "int3": QuantScheme(bits=3, group_size=128),
            "nf4": QuantScheme(format="nf4", group_size=64),
            "nf3": QuantScheme(bits=3, format="nf3", group_size=64),
-           "nf2": QuantScheme(format="nf2", group_size=32)}  # fmt: skip
+           "nf2": QuantScheme(format="nf2", group_size=32), "fp4": QuantScheme(format="fp4", group_size=64)}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))

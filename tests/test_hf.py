@@ -40,7 +40,8 @@ def logits(model, seed=0):
                                   ["--bits", "3", "--outliers", "0.01"], ["--bits", "8", "--group-size", "-1"],
                                   ["--bits", "8", "--group-size", "-1", "--outliers", "0.02"],
                                   ["--format", "nf3", "--group-size", "32"],
-                                  ["--format", "nf2", "--group-size", "32"]])  # fmt: skip
+                                  ["--format", "nf2", "--group-size", "32"],
+                                  ["--format", "fp4", "--group-size", "32", "--double-quant"]])  # fmt: skip
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_from_pretrained_equals_load_quantized(qdir, args, arch):
     d = qdir(*args, arch=arch)
@@ -85,6 +86,7 @@ def test_compile_decoding_matches_eager(qdir):
     ("nf4", dict(double_quant=True), ["--format", "nf4", "--group-size", "64", "--double-quant"]),
     ("nf3", dict(double_quant=True), ["--format", "nf3", "--group-size", "64", "--double-quant"]),
     ("nf2", dict(group_size=32), ["--format", "nf2", "--group-size", "32"]),
+    ("fp4", dict(double_quant=True), ["--format", "fp4", "--group-size", "64", "--double-quant"]),
 ])  # fmt: skip
 def test_on_the_fly_equals_offline_cli_bit_for_bit(tiny_dir, tmp_path, method, kw, cli):
     src = tiny_dir("llama")

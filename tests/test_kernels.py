@@ -36,6 +36,7 @@ FORMATS = {
     "nf3-g64-dq": S(bits=3, format="nf3", group_size=64, double_quant=True),
     "nf3-g48": S(bits=3, format="nf3", group_size=48),
     "nf2-g64-dq": S(format="nf2", group_size=64, double_quant=True), "nf2-g48": S(format="nf2", group_size=48),
+    "fp4-g64-dq": S(format="fp4", group_size=64, double_quant=True), "fp4-g48": S(format="fp4", group_size=48),
 }  # fmt: skip
 # relative error of the kernel vs the fp32 reference on the same dequantized weight, by activation dtype
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import LlmqError
-from . import integer, nf
+from . import fp, integer, nf
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,3 +75,4 @@ register(NumberFormat("int", (4, 2, 3, 8), None, True, integer.find_params, inte
 register(_absmax("nf4", nf.NF4, "NormalFloat codebook of 16 values (QLoRA)"))
 register(_absmax("nf3", nf.NF3, "NormalFloat codebook of 8 values"))
 register(_absmax("nf2", nf.NF2, "codebook -1, -1/4, 1/4, 1"))
+register(_absmax("fp4", fp.FP4, "4-bit float E2M1, +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}/6 (QLoRA, bitsandbytes)"))
