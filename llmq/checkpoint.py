@@ -57,9 +57,9 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] = SHARD_METADATA) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=SHARD_METADATA)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     _fsync_rename(tmp, path)
 
 
@@ -75,8 +75,9 @@ def sha256_file(path: Path) -> str:
 class CheckpointWriter:
     """Collects tensors into shards of at most `max_shard_bytes` and writes each as soon as it is full."""
 
-    def __init__(self, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD, first_part: int = 1):
-        self.out, self.max_shard_bytes = Path(out), max_shard_bytes
+    def __init__(self, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD, first_part: int = 1,
+                 metadata: dict[str, str] = SHARD_METADATA):  # fmt: skip
+        self.out, self.max_shard_bytes, self.metadata = Path(out), max_shard_bytes, metadata
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffer_bytes = 0
         self.next_part = first_part
@@ -94,7 +95,7 @@ class CheckpointWriter:
         if not self.buffer:
             return None
         path = self.out / f"{PART_PREFIX}{self.next_part:05d}.safetensors"
-        atomic_save_tensors(path, self.buffer)
+        atomic_save_tensors(path, self.buffer, self.metadata)
         self.written.append(path.name)
         self.buffer, self.buffer_bytes = {}, 0
         self.next_part += 1
@@ -120,8 +121,9 @@ class CheckpointWriter:
             total += final.stat().st_size
             shards.append(final)
         digests = {s.name: sha256_file(s) for s in shards}
+        version = {"llmq_format_version": FORMAT_VERSION} if "llmq_format_version" in self.metadata else {}
         index = {
-            "metadata": {"total_size": total, "llmq_format_version": FORMAT_VERSION, "llmq_sha256": digests},
+            "metadata": {"total_size": total, **version, "llmq_sha256": digests},
             "weight_map": dict(sorted(weight_map.items())),
         }
         atomic_write_json(self.out / INDEX_NAME, index)

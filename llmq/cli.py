@@ -1,4 +1,4 @@
-"""The `llmq` command line: quantize | eval | report | inspect (argparse lives only here)."""
+"""The `llmq` command line: quantize | export | eval | report | inspect (argparse lives only here)."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,7 @@ from .errors import LlmqError
 from .eval.plots import plot_allocation, plot_layer
 from .eval.report import report
 from .eval.run import evaluate, print_record
+from .exporters import EXPORTERS, export
 from .inspect import inspect_dir, print_table
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
@@ -116,6 +117,19 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+# ---- export -------------------------------------------------------------------------------------
+def cmd_export(a) -> int:
+    summary = export(a.src, a.dest, a.to, a.dtype, a.gptq_format, a.overwrite, a.quiet)
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    elif not a.quiet:
+        exact = ("every weight equal to llmq's dequantization" if not summary["weight_diff"] else
+                 f"{summary['exact_modules']} of {summary['modules']} modules exact, largest weight difference "
+                 f"{summary['max_weight_diff']:.3g} (scales rounded to {summary['dtype']})")  # fmt: skip
+        print(f"exported {summary['modules']} linears to {a.dest} ({a.to}): {exact}")
+    return 0
+
+
 # ---- eval / report ------------------------------------------------------------------------------
 def cmd_eval(a) -> int:
     record = evaluate(a)
@@ -210,6 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, metavar="OUT", help="write the JSON record to OUT")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write an llmq checkpoint in a format serving engines load (vLLM, transformers)",
+                       description="Re-lay an llmq checkpoint's own codes (never re-rounded) as a compressed-tensors "
+                                   "or GPTQ checkpoint. Every module is checked against the target first; nothing is "
+                                   "written at DEST unless the whole export succeeds.")  # fmt: skip
+    x.add_argument("src", metavar="SRC", help="llmq checkpoint dir (written by llmq quantize)")
+    x.add_argument("dest", metavar="DEST", help="output dir (new or empty; see --overwrite)")
+    x.add_argument("--to", required=True, choices=tuple(EXPORTERS),
+                   help="compressed-tensors: vLLM / SGLang's native format, integer schemes incl. mixed precision; "
+                        "gptq: GPTQ checkpoints (vLLM reads symmetric 4/8-bit)")
+    x.add_argument("--dtype", choices=DTYPE_NAMES, default="float16",
+                   help="dtype of the scales and of the full-precision tensors (default float16; float32 keeps "
+                        "double-quantized scales exact)")
+    x.add_argument("--gptq-format", choices=("v1", "v2"), default="v1",
+                   help="--to gptq: v1 ('gptq', what vLLM reads: stores zero - 1) or v2 ('gptq_v2', GPTQModel)")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier llmq export at DEST")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
+    x.add_argument("--json", action="store_true", help="print the export summary as JSON")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="compare eval results: markdown table and plots")
     r.add_argument("results", nargs="+", metavar="RESULTS.json", help="records written by `llmq eval --json`")

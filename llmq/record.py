@@ -120,7 +120,7 @@ class CheckpointRecord:
     def model_config(self, config: dict, dtype: str) -> dict:
         """config.json of a checkpoint: the model's config, the storage dtype of its full-precision tensors, and
         this record as its `quantization_config`."""
-        return config | {"dtype": dtype, "quantization_config": self.to_config()}
+        return model_config(config, self.to_config(), dtype)
 
     @property
     def plan(self) -> QuantPlan:
@@ -230,6 +230,16 @@ def is_llmq_dir(out: Path) -> bool:
         return is_llmq_quantization_config(json.loads((out / "config.json").read_text()).get("quantization_config"))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def model_config(config: dict, quantization_config: dict, dtype: str) -> dict:
+    """config.json of a quantized model (llmq's, or an export's with the target's quantization_config)."""
+    return config | {"dtype": dtype, "quantization_config": quantization_config}
+
+
+def without_record(config: dict) -> dict:
+    """config.json of the model itself: what remains without llmq's quantization_config."""
+    return {k: v for k, v in config.items() if k != "quantization_config"}
 
 
 def read(d: Path) -> tuple[dict, CheckpointRecord]:

@@ -25,14 +25,14 @@ LAYERS = [
     ["llmq.lazy", "llmq.progress", "llmq.summary"],
     ["llmq.pipeline", "llmq.sensitivity", "llmq.allocate", "llmq.mixed"],
     ["llmq.hf", "llmq.modeling"],
+    ["llmq.exporters.common", "llmq.exporters.compressed_tensors", "llmq.exporters.gptq", "llmq.exporters"],
     ["llmq.inspect", "llmq.eval", "llmq.eval.perplexity", "llmq.eval.run", "llmq.eval.report", "llmq.eval.plots"],
     ["llmq.convert"],
     ["llmq.cli", "llmq", "llmq.__main__"],
 ]  # fmt: skip
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 # In-package imports allowed inside a function, and why:
-LATE = {("llmq.backends.triton", "llmq.kernels.layout"), ("llmq.backends.triton", "llmq.kernels.gemm"),
-        ("llmq.backends.triton", "llmq.kernels.skinny"), ("llmq.backends.triton", "llmq.kernels")}  # Triton: optional
+LATE = {("llmq.backends.triton", "llmq.kernels.gemm"), ("llmq.backends.triton", "llmq.kernels.skinny")}  # Triton
 # quantization_config keys (as string constants) that only llmq/record.py may use
 RECORD_KEYS = {"quantization_config", "row_splits", "outlier_nnz", "permuted_modules", "format_version", "sentinel",
                "shapes", "overrides"}  # fmt: skip

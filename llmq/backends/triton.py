@@ -1,9 +1,12 @@
 """The `triton` backend: the fused dequant-GEMM kernels of llmq.kernels, on CUDA (or on the CPU under
-TRITON_INTERPRET=1, Triton's interpreter, for tests). The kernels are imported when first used: Triton is optional
-and slow to import, and a CPU-only `import llmq` never needs it."""
+TRITON_INTERPRET=1, Triton's interpreter, for tests). The kernel modules (gemm, skinny) are imported when first
+used: Triton is optional and slow to import, and a CPU-only `import llmq` never needs it."""
 from __future__ import annotations
 
 import torch
+
+from llmq.kernels import interpreted
+from llmq.kernels.layout import repack as to_kernel_layout
 
 NAME = "triton"
 
@@ -17,8 +20,6 @@ def _triton_import_error() -> str | None:
 
 
 def why_not(scheme, shape: tuple[int, int], device: torch.device) -> str | None:
-    from llmq.kernels import interpreted
-
     why = _triton_import_error()
     if why:
         return f"this layer: {why}"
@@ -32,8 +33,6 @@ def why_not(scheme, shape: tuple[int, int], device: torch.device) -> str | None:
 
 
 def repack(qw) -> dict:
-    from llmq.kernels.layout import repack as to_kernel_layout
-
     tw = to_kernel_layout(qw)
     # the tensors are listed too, so QuantLinear registers them (get_memory_footprint counts them)
     return {"triton": tw, **{f"triton_{k}": v for k, v in tw.tensors().items()}}
@@ -41,7 +40,6 @@ def repack(qw) -> dict:
 
 def matmul(x2: torch.Tensor, packed: dict) -> torch.Tensor:
     """x2 [M, K] -> [M, N]: the skinny split-K kernel for M <= 16, the tiled GEMM above."""
-    from llmq.kernels import interpreted
     from llmq.kernels.gemm import gemm
     from llmq.kernels.skinny import MAX_M, skinny
 
