@@ -9,7 +9,7 @@ Per quantized Linear NAME (R = out_features, C = in_features, G groups of L colu
     NAME.g_idx    int32 [C]             group of each input column (k // L: static groups, no reordering)
 
 Weight = scales[g]·(q − zero[g]). llmq's codes and zeros are written as they are (the int32 words are llmq's
-packed bitstream, words.py), its scales in fp16 (exact for llmq's fp16 scales; double-quantized or bf16/fp32 scales
+packed bitstream, common.py), its scales in fp16 (exact for llmq's fp16 scales; double-quantized or bf16/fp32 scales
 are rounded, and the export summary says by how much). A symmetric grid's zero is 2**(b-1). v1's zero − 1 cannot
 hold an asymmetric group whose zero is 0 (it would wrap to 2**b − 1): such a module is refused for v1 (write v2,
 which GPTQModel reads, or quantize with --sym). vLLM serves GPTQ symmetric at 4 or 8 bits only (desc_act false);
