@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_line, real_setup, write_results  # noqa: E402

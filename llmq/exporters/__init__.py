@@ -17,7 +17,6 @@ llmq_export.json, config.json last) and renames it to DEST: nothing at DEST load
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
