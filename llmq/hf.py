@@ -29,7 +29,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import codec, formats, nn
 from .algorithms.rtn import rtn
-from .archs import arch_for, quantizable_names
+from .archs import arch_for, quantizable_names, weight_of
 from .checkpoint import SHARD_METADATA, tensor_headers
 from .config import QuantPlan, QuantScheme
 from .errors import LlmqError
@@ -150,11 +150,11 @@ class LlmqHfQuantizer(HfQuantizer):
                     "^" + rec.sentinel.replace(".", r"\.") + "$"}  # fmt: skip
         else:
             skip = set(self.quantization_config.modules_to_not_convert or [])
-            self.modules = {n: self._on_the_fly_record(model, n) for n in quantizable_names(model, spec) if n not in skip}
+            self.modules = {n: self._on_the_fly_record(model, spec, n) for n in quantizable_names(model, spec) if n not in skip}
         for name, mrec in self.modules.items():
             old = _module(model, name)
-            shape = (old.weight.shape[1], old.weight.shape[0]) if spec.transposed else tuple(old.weight.shape)
-            if tuple(shape) != tuple(mrec.shape):
+            shape = tuple(weight_of(old, spec).shape)  # [out, in]
+            if shape != tuple(mrec.shape):
                 raise LlmqError(f"{name}: checkpoint shape {list(mrec.shape)} does not match the model's {list(shape)}")
             q = nn.skeleton(mrec, old.bias is not None, self.quantization_config.backend)
             if not self.pre_quantized:
@@ -171,9 +171,8 @@ class LlmqHfQuantizer(HfQuantizer):
             check_checkpoint(model, rec, [Path(f) for f in checkpoint_files])
         return model
 
-    def _on_the_fly_record(self, model, name: str) -> ModuleRecord:
-        w = _module(model, name).weight
-        shape = (w.shape[1], w.shape[0]) if self.transposed else tuple(w.shape)
+    def _on_the_fly_record(self, model, spec, name: str) -> ModuleRecord:
+        shape = tuple(weight_of(_module(model, name), spec).shape)  # [out, in]
         scheme = self.plan.scheme_for(name)
         nnz = round(shape[0] * shape[1] * scheme.outliers)
         return ModuleRecord(name, shape, (WeightRecord(scheme, shape, nnz),))

@@ -9,7 +9,7 @@ A registry with one module per target, each giving:
     dequantize(name, tensors, qw, dtype) -> W      the weight [R, C] the target computes from them, in `dtype`
     config(record, opts) -> dict                   the target's `quantization_config`
     serving(dest) -> str                           how to run it (model card)
-    optional: why_not_model(record, opts), why_not_data(qw, opts)
+    optional: why_not_model(record, opts), why_not_data(qw, opts) (qw holds only the module's zero points)
 
 `export` checks every module (and the data a target is particular about) before writing anything, writes a complete
 Hugging Face model dir into a temporary dir beside DEST (shards, index, tokenizer, generation config, model card,
@@ -30,6 +30,7 @@ from .. import codec, record
 from ..checkpoint import INDEX_NAME, CheckpointReader, CheckpointWriter, atomic_write_json, atomic_write_text
 from ..dtypes import DTYPES
 from ..errors import LlmqError
+from ..qtensor import QuantizedWeight
 from ..summary import versions
 from . import compressed_tensors, gptq
 
@@ -99,10 +100,12 @@ def _check_modules(exporter, rec: record.CheckpointRecord, reader: CheckpointRea
     problems = [f"{n} {why}" for n, m in rec.modules.items() if (why := exporter.why_not(m, opts))]
     model_why = getattr(exporter, "why_not_model", lambda r, o: None)(rec, opts)
     if not problems and getattr(exporter, "why_not_data", None):
-        for n, m in rec.modules.items():
-            if m.scheme.has_zeros and (why := exporter.why_not_data(codec.decode(m, reader.load(
-                    codec.module_keys(m, reader.keys()))), opts)):  # fmt: skip
-                problems.append(f"{n} {why}")
+        for n, m in rec.modules.items():  # only the zero points are read here: the codes wait for the write
+            if m.scheme.has_zeros:  # (no module is split by row here: why_not refused those)
+                key = codec.piece_prefix(n, m, 0) + "qzeros"
+                zeros_only = QuantizedWeight(m.shape, m.scheme, {"qzeros": reader.load([key])[key]})
+                if why := exporter.why_not_data(zeros_only, opts):
+                    problems.append(f"{n} {why}")
     if model_why:
         problems.insert(0, f"the model {model_why}")
     if problems:
