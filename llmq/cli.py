@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import formats
+from . import formats, recipes
 from .checkpoint import atomic_write_json
 from .config import GPTQ_INPUTS, CalibConfig, GPTQConfig, MixedConfig, QuantScheme, scheme_from_name
 from .convert import ConvertRequest, convert
@@ -17,10 +17,11 @@ from .errors import LlmqError
 from .eval.plots import plot_allocation, plot_layer
 from .eval.report import report
 from .eval.run import evaluate, print_record
-from .exporters import EXPORTERS, export
+from .exporters import TARGETS, export
+from .exporters.gguf import EMBEDDING_TYPES, print_summary as print_gguf_summary
 from .inspect import inspect_dir, print_table
 
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
 
 
 def parse_size(s: str) -> int:
@@ -61,8 +62,9 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", choices=tuple(formats.FORMATS), default="int",
                    help="; ".join(f"{n}: {f.help}" for n, f in formats.FORMATS.items())
                    + " (codebooks are absmax-scaled per group; docs/FORMAT.md)")
-    g.add_argument("--group-size", type=int, default=128,
-                   help="columns per scale: 32/64/128/256 (any >= 16), -1 per output channel, 0 per tensor")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="columns per scale: 32/64/128/256 (any >= 16), -1 per output channel, 0 per tensor "
+                        "(default 128; llama.cpp's block formats q4_0 ... q6_k fix their own)")
     g.add_argument("--sym", action="store_true", help="symmetric integer grid (no zero points stored)")
     g.add_argument("--double-quant", action="store_true", help="re-quantize the scales to 8 bits (QLoRA)")
     g.add_argument("--clip-search", action="store_true", help="per group, search the range shrink with least error")
@@ -89,8 +91,10 @@ def quantize_request(a) -> ConvertRequest:
                       inputs=a.gptq_inputs) if gptq else None  # fmt: skip
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
                         token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
-    return ConvertRequest(a.model, Path(a.out), a.method, scheme_from_args(a), gcfg, calib, mixed, a.dtype,
-                          a.max_shard_size, a.device, a.offload_activations, a.overwrite, a.quiet)  # fmt: skip
+    if a.gguf_recipe is not None and (a.format != "int" or a.bits is not None or a.group_size is not None):
+        raise LlmqError("--gguf-recipe chooses every tensor's llama.cpp type; leave out --format/--bits/--group-size")
+    return ConvertRequest(a.model, Path(a.out), a.method, scheme_from_args(a), gcfg, calib, mixed, a.gguf_recipe,
+                          a.dtype, a.max_shard_size, a.device, a.offload_activations, a.overwrite, a.quiet)  # fmt: skip
 
 
 def cmd_quantize(a) -> int:
@@ -119,9 +123,12 @@ def cmd_inspect(a) -> int:
 
 # ---- export -------------------------------------------------------------------------------------
 def cmd_export(a) -> int:
-    summary = export(a.src, a.dest, a.to, a.dtype, a.gptq_format, a.overwrite, a.quiet)
+    summary = export(a.src, a.dest, a.to, a.dtype, a.gptq_format, a.overwrite, a.quiet, a.gguf_embedding_type,
+                     a.gguf_metadata)  # fmt: skip
     if a.json:
         print(json.dumps(summary, indent=2))
+    elif a.to == "gguf":
+        print_gguf_summary(summary)
     elif not a.quiet:
         exact = ("every weight equal to llmq's dequantization" if not summary["weight_diff"] else
                  f"{summary['exact_modules']} of {summary['modules']} modules exact, largest weight difference "
@@ -191,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "stored as up to one piece per scheme (docs/FORMAT.md; lower perplexity at the same size "
                         "on SmolLM2, benchmarks/results/mixed.md); default candidates then "
                         "config.DEFAULT_ROW_CANDIDATES (int2-g32-dq, nf3-g128-dq, nf4-g128-dq, int8-g128)")
+    q.add_argument_group("llama.cpp").add_argument(
+        "--gguf-recipe", default=None, metavar="MIX", type=str.upper, choices=tuple(recipes.MIXES),
+        help="llama.cpp's named mix (" + ", ".join(recipes.MIXES) + "): every linear gets the block type "
+             "llama-quantize gives it (with calibration: as with an importance matrix), chosen by RTN or GPTQ on that "
+             "grid; export with `llmq export OUT FILE.gguf --to gguf`. Replaces --format/--bits/--group-size; "
+             "--clip-search applies")  # fmt: skip
     d = q.add_argument_group("devices")
     d.add_argument("--device", default=None, help="run the active layer on this device, e.g. cuda:0 (default cpu)")
     d.add_argument("--offload-activations", action="store_true",
@@ -231,14 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "written at DEST unless the whole export succeeds.")  # fmt: skip
     x.add_argument("src", metavar="SRC", help="llmq checkpoint dir (written by llmq quantize)")
     x.add_argument("dest", metavar="DEST", help="output dir (new or empty; see --overwrite)")
-    x.add_argument("--to", required=True, choices=tuple(EXPORTERS),
+    x.add_argument("--to", required=True, choices=TARGETS,
                    help="compressed-tensors: vLLM / SGLang's native format, integer schemes incl. mixed precision; "
-                        "gptq: GPTQ checkpoints (vLLM reads symmetric 4/8-bit)")
+                        "gptq: GPTQ checkpoints (vLLM reads symmetric 4/8-bit); gguf: one .gguf file for llama.cpp, "
+                        "from a checkpoint of llama.cpp block formats (llmq quantize --gguf-recipe Q4_K_M, or "
+                        "--format q4_0/q4_k/...), its blocks copied as they are")
     x.add_argument("--dtype", choices=DTYPE_NAMES, default="float16",
                    help="dtype of the scales and of the full-precision tensors (default float16; float32 keeps "
                         "double-quantized scales exact)")
     x.add_argument("--gptq-format", choices=("v1", "v2"), default="v1",
                    help="--to gptq: v1 ('gptq', what vLLM reads: stores zero - 1) or v2 ('gptq_v2', GPTQModel)")
+    x.add_argument("--gguf-embedding-type", choices=EMBEDDING_TYPES, default="auto",
+                   help="--to gguf: type of the token embeddings and output head (default auto: what llama-quantize "
+                        "gives them for the checkpoint's mix, e.g. q6_k, or q8_0 when the rows are no multiple of 256)")
+    x.add_argument("--gguf-metadata", default=None, metavar="FILE.gguf",
+                   help="--to gguf: copy the architecture and tokenizer metadata from this GGUF of the same model "
+                        "(default: the .gguf the checkpoint was converted from, if it still exists; else written "
+                        "from config.json and tokenizer.json)")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier llmq export at DEST")
     x.add_argument("--quiet", action="store_true", help="no progress bar")
     x.add_argument("--json", action="store_true", help="print the export summary as JSON")

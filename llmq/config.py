@@ -32,7 +32,8 @@ class QuantScheme:
     format:       a registered number format (llmq/formats/__init__.py): "int" (uniform grid), the absmax-scaled
                   codebooks ("nf4" for QLoRA's NormalFloat, ...): `formats.FORMATS` lists them.
     group_size:   columns sharing one scale: >= 16 (need not divide in_features: the last group is
-                  shorter), -1 = per output channel, 0 = per tensor.
+                  shorter), -1 = per output channel, 0 = per tensor; None: 128, or the group a llama.cpp block
+                  format fixes (q4_0 ... q6_k: 32 or 16).
     sym:          for formats with zero points (int): symmetric grid (zero point fixed at 2**(bits-1), not
                   stored) or asymmetric (an integer zero point per group, stored packed at `bits`). Codebook
                   formats are always symmetric.
@@ -45,7 +46,7 @@ class QuantScheme:
 
     bits: int | None = None
     format: str = "int"
-    group_size: int = 128
+    group_size: int | None = None
     sym: bool = False
     double_quant: bool = False
     scale_dtype: str = "float16"
@@ -62,6 +63,10 @@ class QuantScheme:
         _check(self.bits in fmt.bits, f"bits={self.bits} is not supported; use one of {tuple(sorted(fmt.bits))}")
         if not fmt.zero_points:
             object.__setattr__(self, "sym", True)
+        if fmt.block is not None:
+            self._check_block(fmt.block)
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", 128)
         gs = self.group_size
         _check(
             isinstance(gs, int) and (gs in (PER_CHANNEL, PER_TENSOR) or gs >= 16),
@@ -73,6 +78,21 @@ class QuantScheme:
             0.0 <= self.outliers < 0.5,
             f"outliers={self.outliers} must be a fraction of weights in [0, 0.5), e.g. 0.005 for 0.5%",
         )
+
+    def _check_block(self, bt) -> None:
+        _check(self.group_size in (None, bt.group), f"format={self.format!r} is llama.cpp's {bt.qtype.name}: its "
+               f"groups are {bt.group} columns; leave group_size out (got {self.group_size})")  # fmt: skip
+        _check(not self.double_quant, f"format={self.format!r}: llama.cpp's blocks store their own scales; "
+               "double_quant does not apply")  # fmt: skip
+        _check(self.outliers == 0, f"format={self.format!r}: llama.cpp's blocks cannot hold exact outliers; "
+               "use outliers=0")  # fmt: skip
+        object.__setattr__(self, "group_size", bt.group)
+        object.__setattr__(self, "scale_dtype", "float16")  # what the blocks store
+
+    @property
+    def block(self):
+        """The llama.cpp block type (formats/ggml.py) of a block format, else None."""
+        return self.number_format.block
 
     @property
     def maxq(self) -> int:
@@ -89,8 +109,10 @@ class QuantScheme:
 
     def describe(self) -> str:
         """A short human name, e.g. 'int4-asym-g128', 'nf4-g64-dq'."""
-        g = {PER_CHANNEL: "pc", PER_TENSOR: "pt"}.get(self.group_size, f"g{self.group_size}")
         fmt = self.number_format
+        if fmt.block is not None:
+            return self.format + ("-clip" if self.clip_search else "")
+        g = {PER_CHANNEL: "pc", PER_TENSOR: "pt"}.get(self.group_size, f"g{self.group_size}")
         name = self.format if len(fmt.bits) == 1 else f"{self.format}{self.bits}"
         if fmt.zero_points:
             name += "-sym" if self.sym else "-asym"
@@ -103,7 +125,7 @@ class QuantScheme:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantScheme":
+    def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         _check(not unknown, f"unknown quantization scheme fields {sorted(unknown)}; known: {sorted(known)}")
@@ -251,8 +273,9 @@ def scheme_from_name(name: str, **defaults: Any) -> QuantScheme:
     the name leaves out."""
     parts = name.strip().lower().split("-")
     head = _format_of_name(parts[0])
-    _check(head is not None and len(parts) >= 2, f"scheme name {name!r} not understood; write e.g. int4-g128, "
-           f"int3-g64-dq, nf4-g64, int8-pc, int4-g128-out0.005 (formats: {', '.join(formats.FORMATS)})")  # fmt: skip
+    block = head is not None and formats.get(head["format"]).block is not None
+    _check(head is not None and (len(parts) >= 2 or block), f"scheme name {name!r} not understood; write e.g. int4-g128, "
+           f"int3-g64-dq, nf4-g64, int8-pc, int4-g128-out0.005, q4_k (formats: {', '.join(formats.FORMATS)})")  # fmt: skip
     kw: dict[str, Any] = dict(defaults) | head
     for p in parts[1:]:
         if p in ("sym", "asym"):

@@ -13,15 +13,16 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import codec, mixed as mixed_precision, sources
+from . import codec, recipes, sources
+from . import mixed as mixed_precision
 from .archs import arch_for, decoder_layers
 from .calibration import calibration_windows
 from .checkpoint import DEFAULT_MAX_SHARD, CheckpointWriter, atomic_write_json, atomic_write_text
@@ -29,7 +30,16 @@ from .config import CalibConfig, GPTQConfig, MixedConfig, QuantPlan, QuantScheme
 from .dtypes import DTYPES
 from .errors import LlmqError
 from .lazy import LazyModel
-from .pipeline import LayerReport, advance, gptq_layer, install_dequantized, log_layer, rtn_layer, start_activations
+from .pipeline import (
+    LayerReport,
+    advance,
+    gptq_layer,
+    install_dequantized,
+    linear_shapes,
+    log_layer,
+    rtn_layer,
+    start_activations,
+)
 from .progress import Progress
 from .record import CheckpointRecord, ModuleRecord
 from .summary import human_bytes, machine, model_card, peak_rss_mb, versions
@@ -48,6 +58,9 @@ class ConvertRequest:
     gptq: GPTQ options (method "gptq"; default GPTQConfig()). calib: calibration windows, used by GPTQ and by
     mixed precision (default CalibConfig()). mixed: a scheme per linear or per output row to a bits-per-weight
     budget instead of `scheme` everywhere; the candidates take `scheme`'s sym / clip_search / scale_dtype.
+    gguf_recipe: llama.cpp's mix ("Q4_K_M", llmq/recipes.py): the block type llama-quantize gives each tensor
+    (with calibration, as with an importance matrix), instead of `scheme`; its clip_search is kept. Block formats that
+    do not fit a linear's rows get llama.cpp's fallback type.
     dtype: storage dtype of the tensors left in full precision. device: where the active layer runs
     (offload_activations keeps the calibration activations on the CPU meanwhile).
     """
@@ -59,6 +72,7 @@ class ConvertRequest:
     gptq: GPTQConfig | None = None
     calib: CalibConfig | None = None
     mixed: MixedConfig | None = None
+    gguf_recipe: str | None = None
     dtype: str = "float16"
     max_shard_size: int = DEFAULT_MAX_SHARD
     device: str | None = None
@@ -76,6 +90,10 @@ class ConvertRequest:
             object.__setattr__(self, "gptq", GPTQConfig())
         if self.method != "gptq":
             object.__setattr__(self, "gptq", None)
+        if self.gguf_recipe is not None:
+            recipes.check_mix(self.gguf_recipe)
+            if self.mixed is not None:
+                raise LlmqError("a GGUF recipe fixes every tensor's type; it cannot be combined with mixed precision")
         if (self.method == "gptq" or self.mixed is not None) and self.calib is None:
             object.__setattr__(self, "calib", CalibConfig())
 
@@ -89,7 +107,8 @@ class ConvertRequest:
                 "gptq": dataclasses.asdict(self.gptq) if self.gptq else None, "calibration": calib,
                 "dtype": self.dtype, "max_shard_size": self.max_shard_size, "device": self.device, "llmq": __version__,
                 **({"target_bpw": m.target_bpw, "candidates": list(m.candidates)} if m else {}),
-                **({"granularity": "row"} if m and m.granularity == "row" else {})}  # fmt: skip
+                **({"granularity": "row"} if m and m.granularity == "row" else {}),
+                **({"gguf_recipe": self.gguf_recipe} if self.gguf_recipe else {})}  # fmt: skip
 
 
 def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = None) -> dict:
@@ -125,7 +144,8 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
         _write_rest(req, lazy, writer, modules, tokenizer)
         method = {"name": req.method, **({"gptq": dataclasses.asdict(req.gptq), "calibration": prog.args["calibration"]}
                                          if req.gptq else {}),
-                  **({"mixed": mixed_precision.summary(alloc)} if alloc else {})}  # fmt: skip
+                  **({"mixed": mixed_precision.summary(alloc)} if alloc else {}),
+                  **({"gguf_recipe": req.gguf_recipe} if req.gguf_recipe else {})}  # fmt: skip
         not_converted = [n for n in codec.linear_names(lazy.model) if n not in modules]
         record = CheckpointRecord.build(plan, modules, not_converted, method)
         cfg = record.model_config(lazy.model.config.to_dict(), req.dtype)
@@ -160,6 +180,14 @@ def _prepare(req: ConvertRequest, lazy: LazyModel, tokenizer):
         base = {"clip_search": req.scheme.clip_search, "scale_dtype": req.scheme.scale_dtype, "sym": req.scheme.sym}
         plan, alloc = mixed_precision.conversion_plan(lazy, calib, req.mixed, base, req.method, req.gptq, req.out,
                                                       req.quiet)  # fmt: skip
+    if req.gguf_recipe:
+        n = len(decoder_layers(lazy.model, lazy.spec))
+        names = [f"{lazy.spec.layers}.{i}.{r}" for i in range(n) for r in lazy.spec.linears]
+        heads = getattr(lazy.model.config, "num_attention_heads", 1)
+        gqa = heads // (getattr(lazy.model.config, "num_key_value_heads", None) or heads)
+        plan = recipes.recipe_plan(req.gguf_recipe, recipes.gguf_tensors(lazy.model, names, n), n, gqa,
+                                   calibrated=calib is not None, clip_search=req.scheme.clip_search)  # fmt: skip
+    plan = recipes.resolve_shapes(plan, linear_shapes(lazy.model))[0]
     if req.gptq:
         device = req.device or "cpu"
         acts = start_activations(lazy.model, lazy.spec, calib, device, "cpu" if req.offload_activations else device)

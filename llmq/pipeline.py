@@ -33,6 +33,7 @@ from .config import GPTQConfig, QuantPlan, QuantScheme
 from .errors import LlmqError
 from .lazy import trim_heap
 from .qtensor import QuantizedWeight, RowSplitWeight
+from .recipes import resolve_shapes
 
 log = logging.getLogger("llmq")
 ERR_SAMPLES = 16
@@ -55,6 +56,13 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, na
 
     split = plan.row_splits.get(name)
     return one(W, plan.scheme_for(name)) if split is None else RowSplitWeight.quantize(W, split, one)
+
+
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """[out, in] of every decoder linear llmq quantizes."""
+    spec = arch_for(model.config)
+    return {f"{spec.layers}.{i}.{n}": tuple(weight_of(m, spec).shape) for i, layer in enumerate(decoder_layers(model, spec))
+            for n, m in layer.named_modules() if n in spec.linears}  # fmt: skip
 
 
 def rtn_model(model, plan: QuantPlan, quiet: bool = False) -> dict[str, QuantizedWeight]:
@@ -340,6 +348,7 @@ def quantize(model, scheme: QuantScheme | QuantPlan, calib: torch.Tensor | None 
     method="rtn": calibration-free, the model is unchanged. method="gptq": `calib` is [N, L] token ids;
     the model's linears are left holding their dequantized (fake-quantized) weights."""
     plan = scheme if isinstance(scheme, QuantPlan) else QuantPlan(scheme)
+    plan = resolve_shapes(plan, linear_shapes(model))[0]  # llama.cpp's fallback for block formats
     if method == "rtn":
         return rtn_model(model, plan, quiet)
     if method == "gptq":

@@ -13,6 +13,9 @@ Fields (R = out_features, C = in_features, [Rs, G] = `grouping.param_shape`, P =
     outlier_val  fp16  [nnz]                  its value
     perm         int32 [C]                    act-order: stored column j is input column perm[j]
 
+A llama.cpp block format (q4_0 ... q6_k) stores only `qweight`: uint8 [R, C/block*block_bytes], llama.cpp's
+blocks as they are (formats/ggml.py).
+
 Dequantization: W_stored = decode(codes, scales, zeros) with the scheme's number format (llmq/formats); outliers
 overwrite their entries; then W[:, perm] = W_stored. `nbytes()` is the sum of the stored tensors' bytes, so
 `bits_per_weight()` counts every byte written for the layer. The names these parts are stored under in a
@@ -38,6 +41,9 @@ def expected_layout(shape: tuple[int, int], scheme: QuantScheme, nnz: int | None
     stored (act-order without static groups).
     """
     R, C = shape
+    if scheme.block is not None:  # llama.cpp's blocks, as they are (formats/ggml.py)
+        check_block_shape(shape, scheme)
+        return {"qweight": (torch.uint8, (R, scheme.block.row_bytes(C)))}
     Rs, G = grouping.param_shape(shape, scheme.group_size)
     out: dict[str, tuple[torch.dtype, tuple | None]] = {
         "qweight": (torch.uint8, (R, packing.packed_row_bytes(C, scheme.bits)))
@@ -53,6 +59,15 @@ def expected_layout(shape: tuple[int, int], scheme: QuantScheme, nnz: int | None
     if permuted:
         out["perm"] = (torch.int32, (C,))
     return out
+
+
+def check_block_shape(shape: tuple[int, int], scheme: QuantScheme, name: str = "") -> None:
+    """A llama.cpp block format needs in_features to be a multiple of its block."""
+    bt = scheme.block
+    if bt is not None and shape[1] % bt.block:
+        raise LlmqError(f"{name + ': ' if name else ''}{scheme.format} needs in_features divisible by {bt.block}; "
+                        f"the weight is {tuple(shape)} (llama.cpp falls back to another type there: "
+                        "formats.ggml.fallback)")  # fmt: skip
 
 
 def layout_nbytes(layout: dict[str, tuple[torch.dtype, tuple]]) -> int:
@@ -94,10 +109,15 @@ class QuantizedWeight:
         scheme: QuantScheme,
         outliers: tuple[torch.Tensor, torch.Tensor] | None = None,
         perm: torch.Tensor | None = None,
-    ) -> "QuantizedWeight":
+    ) -> QuantizedWeight:
         """codes [R, C] uint8 (stored order); zero [Rs, G] integer-valued; outliers = (mask [R, C]
         bool, values [R, C]) in stored order; perm [C] (stored column j = input column perm[j])."""
         R, C = codes.shape
+        if scheme.block is not None:  # stored_scales: the block's own parameters (ggml.BlockType.store)
+            check_block_shape((R, C), scheme)
+            qw = cls((R, C), scheme, {"qweight": scheme.block.pack(codes, stored_scales).contiguous().cpu()})
+            qw.validate("<new>")
+            return qw
         parts = {"qweight": packing.pack(codes.to(torch.uint8), scheme.bits), **stored_scales}
         if zero is not None:
             parts["qzeros"] = packing.pack(zero.to(torch.uint8), scheme.bits)
@@ -111,7 +131,7 @@ class QuantizedWeight:
         return qw
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], shape, scheme: QuantScheme, name: str) -> "QuantizedWeight":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], shape, scheme: QuantScheme, name: str) -> QuantizedWeight:
         qw = cls(tuple(shape), scheme, dict(tensors))
         qw.validate(name)
         return qw
@@ -124,10 +144,14 @@ class QuantizedWeight:
 
     # ---- reading ------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
+        if self.scheme.block is not None:
+            return self.scheme.block.unpack(self.parts["qweight"])[0]
         return packing.unpack(self.parts["qweight"], self.scheme.bits, self.shape[1])
 
     def scales(self) -> torch.Tensor:
         """Effective fp32 scales [Rs, G]."""
+        if self.scheme.block is not None:
+            return self.scheme.block.unpack(self.parts["qweight"])[1]
         return scales.effective(self.parts, self.scheme)
 
     def zeros(self) -> torch.Tensor | None:
@@ -142,6 +166,8 @@ class QuantizedWeight:
 
     def dequantize_stored(self, dtype: torch.dtype = torch.float32, outliers: bool = True) -> torch.Tensor:
         """W in stored column order [R, C] (outliers applied unless outliers=False; permutation not undone)."""
+        if self.scheme.block is not None:
+            return self.scheme.block.dequantize(self.parts["qweight"]).to(dtype)
         gs = self.scheme.group_size
         s = grouping.expand(self.scales(), self.shape, gs)
         z = self.zeros()
@@ -198,7 +224,7 @@ class RowSplitWeight:
     pieces: list[QuantizedWeight]
 
     @classmethod
-    def quantize(cls, W: torch.Tensor, split: RowSplit, fn) -> "RowSplitWeight":
+    def quantize(cls, W: torch.Tensor, split: RowSplit, fn) -> RowSplitWeight:
         """W [R, C]; fn(W_rows, scheme) -> QuantizedWeight quantizes one piece (GPTQ and RTN treat rows
         independently, so a piece is quantized exactly as those rows would be in the whole matrix, up to
         the double-quantization blocks, which run over the piece's rows)."""

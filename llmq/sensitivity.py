@@ -41,6 +41,7 @@ from .algorithms.rtn import rtn
 from .archs import arch_for, decoder_layers, weight_of
 from .config import GPTQConfig, QuantScheme
 from .errors import LlmqError
+from .recipes import fitted
 
 log = logging.getLogger("llmq")
 
@@ -77,7 +78,7 @@ class SensitivityTable:
                 "damage": self.damage, "nbytes": self.nbytes}  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SensitivityTable":
+    def from_dict(cls, d: dict) -> SensitivityTable:
         return cls({k: QuantScheme.from_dict(v) for k, v in d["schemes"].items()}, d["damage"], d["nbytes"],
                    d["weights"], d.get("method", "gptq"), d.get("seconds", 0.0))  # fmt: skip
 
@@ -160,6 +161,9 @@ def damage(W: torch.Tensor, W_hat: torch.Tensor, st: LayerStats) -> float:
 
 
 def quantize_candidate(W: torch.Tensor, st: LayerStats, scheme: QuantScheme, method: str, cfg: GPTQConfig, name: str):
+    """A llama.cpp block format is measured as llama.cpp stores it on this shape (its fallback where the block does
+    not fit: the plan resolves it the same way, recipes.resolve_shapes)."""
+    scheme = fitted(scheme, W.shape[1], name)
     return gptq(W, 2 * st.A, scheme, cfg, name) if method == "gptq" else rtn(W, scheme)
 
 

@@ -17,12 +17,12 @@ import logging
 
 import torch
 
-from ..config import GPTQConfig, PER_CHANNEL, PER_TENSOR, QuantScheme
+from ..config import PER_CHANNEL, PER_TENSOR, GPTQConfig, QuantScheme
 from ..errors import LlmqError
 from ..formats import grid, grouping, scales
-from ..qtensor import QuantizedWeight
+from ..qtensor import QuantizedWeight, check_block_shape
 from . import outliers as outlier_sel
-from .params import group_params
+from .params import group_params, store_params
 from .rtn import rtn
 
 log = logging.getLogger("llmq")
@@ -79,6 +79,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     (a caller that passes H without keeping a reference lets it be freed early: it is the largest input)."""
     if not torch.isfinite(H).all():
         raise LlmqError(f"{name or 'layer'}: the Hessian has NaN/Inf entries; the calibration activations overflowed")
+    check_block_shape(tuple(W.shape), scheme, name)
     g = grid(scheme)
     W = W.detach().to(torch.float32).clone()
     H = H.detach()
@@ -107,16 +108,15 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     L = grouping.group_len(C, gs)
     G = grouping.n_groups(C, gs)
     Rs = 1 if gs == PER_TENSOR else R
-    dynamic = gs not in (PER_CHANNEL, PER_TENSOR) and not (cfg.act_order and cfg.static_groups)
+    # a llama.cpp K-quant's group scales share one fp16 scale per 256 columns: all groups are fixed up front
+    dynamic = gs not in (PER_CHANNEL, PER_TENSOR) and not (cfg.act_order and cfg.static_groups) and scheme.block is None
     keep = None if exact is None else ~exact
     scale = torch.zeros(Rs, G)
-    zero = torch.zeros(Rs, G) if scheme.has_zeros else None
-    if not dynamic:  # all group parameters up front, from the unquantized weight, original column order
-        s, z = group_params(W, scheme, keep, diagH)
-        scale.copy_(s)
-        if zero is not None:
-            zero.copy_(z)
-    eff = scales.store(scale, scheme)[0] if not dynamic else torch.zeros(Rs, G)
+    zero = torch.zeros(Rs, G) if scheme.has_zeros or (scheme.block is not None and scheme.block.offset) else None
+    eff, stored = torch.zeros(Rs, G), None
+    if not dynamic:  # all group parameters up front, from the unquantized weight, original column order, as stored
+        scale, zero = group_params(W, scheme, keep, diagH)
+        eff, zero, stored = store_params(scale, zero, scheme)
 
     # visiting order: column j of Wp is original column perm[j]
     Wp = W[:, perm]
@@ -160,7 +160,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
         codes[:, i1:i2] = C1.t()
         Wp[:, i2:] -= Err1.t() @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
 
-    stored = scales.store(scale, scheme)[1]
+    if stored is None:
+        stored = scales.store(scale, scheme)[1]
     out = None if exact_p is None else (exact_p, kept)
     if cfg.act_order and not dynamic:  # back to the original column order: no permutation stored
         inv = torch.argsort(perm)

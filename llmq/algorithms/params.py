@@ -30,13 +30,23 @@ def group_params(
     return clipping.search_params(Wg, mask, scheme, cw)
 
 
+def store_params(scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme):
+    """Group parameters as they will be stored: (effective scales, effective zeros / offsets, stored tensors).
+
+    Integer zero points are stored exactly; a llama.cpp block format rounds its scales and offsets to its blocks."""
+    if scheme.block is not None:
+        return scheme.block.store(scale, zero)
+    eff, stored = scales.store(scale, scheme)
+    return eff, zero, stored
+
+
 def quantize_with_params(
     W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Store the scales, then encode all of W [R, C] with the stored (effective) scales.
 
     Returns (codes [R, C] uint8, effective scales [Rs, G], stored scale tensors)."""
-    eff, stored = scales.store(scale, scheme)
+    eff, zero, stored = store_params(scale, zero, scheme)
     s = grouping.expand(eff, tuple(W.shape), scheme.group_size)
     z = None if zero is None else grouping.expand(zero, tuple(W.shape), scheme.group_size)
     return grid(scheme).encode(W, s, z, scheme), eff, stored

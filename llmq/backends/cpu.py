@@ -21,7 +21,7 @@ INT4_GROUPS = (32, 64, 128, 256)
 def int4_group(scheme: QuantScheme, in_features: int) -> int | None:
     """The tinygemm group size that serves this scheme, or None. K need not be a multiple of it: K is
     zero-padded (padded columns meet zero activations; a short last group keeps its own scale)."""
-    if scheme.number_format.codebook is not None or scheme.bits != 4:
+    if scheme.number_format.codebook is not None or scheme.block is not None or scheme.bits != 4:
         return None
     if scheme.group_size in (PER_CHANNEL, PER_TENSOR):
         return 128  # one scale per row (or tensor), repeated over groups of 128
@@ -36,6 +36,8 @@ def why_not(scheme: QuantScheme, shape: tuple[int, int], device: torch.device) -
     """None if the cpu backend can serve this layer, else why not."""
     if device.type != "cpu":
         return f"tensors on {device}"
+    if scheme.block is not None:
+        return f"{scheme.format}: llama.cpp's blocks (run the GGUF export in llama.cpp for its speed)"
     N, K = shape
     if scheme.number_format.codebook is None and scheme.bits == 8:
         return None if scheme.group_size in (PER_CHANNEL, PER_TENSOR) else "int8 with groups (native op is per channel)"

@@ -26,6 +26,8 @@ def why_not(scheme, shape: tuple[int, int], device: torch.device) -> str | None:
     device = torch.device(device)
     if device.type != "cuda" and not (device.type == "cpu" and interpreted()):
         return f"this layer: tensors on {device} (the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    if scheme.block is not None:
+        return f"this layer: {scheme.format} is llama.cpp's block layout"
     lookup = scheme.number_format.codebook is not None
     if (lookup and scheme.bits > 4) or (not lookup and scheme.bits not in (2, 3, 4, 8)):
         return f"this layer: {scheme.bits}-bit {'codebook ' if lookup else ''}codes"

@@ -32,19 +32,23 @@ from ..dtypes import DTYPES
 from ..errors import LlmqError
 from ..qtensor import QuantizedWeight
 from ..summary import versions
-from . import compressed_tensors, gptq
+from . import compressed_tensors, gguf, gptq
 
 EXPORTERS: dict[str, ModuleType] = {m.NAME: m for m in (compressed_tensors, gptq)}
+TARGETS = (*EXPORTERS, gguf.NAME)  # gguf writes one file, not a model dir: exporters/gguf.py
 SUMMARY_NAME = "llmq_export.json"
 NOT_COPIED = {"config.json", INDEX_NAME, "summary.json", "README.md", "llmq_progress.json", "sensitivity.json",
               "sensitivity_rows.safetensors"}  # fmt: skip
 
 
 def export(src, dest, to: str, dtype: str = "float16", gptq_format: str = "v1", overwrite: bool = False,
-           quiet: bool = True) -> dict:  # fmt: skip
-    """Export the llmq checkpoint `src` as a `to` checkpoint into `dest`; returns the export summary."""
+           quiet: bool = True, gguf_embedding_type: str = "auto", gguf_metadata=None) -> dict:  # fmt: skip
+    """Export the llmq checkpoint `src` as a `to` checkpoint into `dest` (for "gguf": one file); returns the export
+    summary. gguf_embedding_type / gguf_metadata: see exporters/gguf.py."""
+    if to == gguf.NAME:
+        return gguf.export(src, dest, gguf_embedding_type, gguf_metadata, overwrite, quiet)
     if to not in EXPORTERS:
-        raise LlmqError(f"--to {to!r} is not an export target; choose one of {', '.join(EXPORTERS)}")
+        raise LlmqError(f"--to {to!r} is not an export target; choose one of {', '.join(TARGETS)}")
     if dtype not in DTYPES:
         raise LlmqError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if gptq_format not in gptq.FORMATS:

@@ -24,6 +24,8 @@ def why_not_integer(m: ModuleRecord, target: str) -> str | None:
         return "is split by output row (several schemes); quantize without --granularity row"
     w = m.pieces[0]
     s = w.scheme
+    if s.block is not None:
+        return f"is stored in llama.cpp's {s.format} blocks; export it with --to gguf"
     if s.number_format.codebook is not None:
         return f"uses the {s.format} codebook; {target} stores integer grids: quantize with --format int"
     if w.nnz or s.outliers:

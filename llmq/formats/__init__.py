@@ -7,6 +7,9 @@ grids), and the three functions every algorithm uses:
     find_params(Wg [Rs, G, L], mask, scheme, shrink) -> (scale [Rs, G], zero [Rs, G] or None)
     encode(W, scale, zero, scheme) -> codes uint8          decode(codes, scale, zero, scheme) -> W fp32
 
+llama.cpp's block formats (q4_0 ... q6_k, formats/ggml.py) take the same three functions with an offset in place of
+the zero point, fix their own group size, and are stored as llama.cpp's block bytes.
+
 Adding a format is its table or arithmetic in a module here and one `register` call below. QuantScheme's
 validation, scheme names (`config.scheme_from_name`), the CLI's --format, RTN, GPTQ, the clip search, double
 quantization, checkpoints, both loaders, the reference backend and the Triton kernels' decode table read it from
@@ -14,13 +17,13 @@ here; nothing else names a format.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from ..errors import LlmqError
-from . import fp, integer, nf
+from . import fp, ggml, integer, nf
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +36,7 @@ class NumberFormat:
     encode: Callable
     decode: Callable
     help: str
+    block: ggml.BlockType | None = None  # llama.cpp's block formats: stored as its block bytes (formats/ggml.py)
 
     @property
     def default_bits(self) -> int:
@@ -66,6 +70,10 @@ def codebook_formats() -> tuple[str, ...]:
     return tuple(n for n, f in FORMATS.items() if f.codebook is not None)
 
 
+def block_formats() -> tuple[str, ...]:
+    return tuple(n for n, f in FORMATS.items() if f.block is not None)
+
+
 def _absmax(name: str, book, help: str) -> NumberFormat:
     return NumberFormat(name, (book.bits,), book.values, False, book.find_params, book.encode, book.decode, help)
 
@@ -76,3 +84,8 @@ register(_absmax("nf4", nf.NF4, "NormalFloat codebook of 16 values (QLoRA)"))
 register(_absmax("nf3", nf.NF3, "NormalFloat codebook of 8 values"))
 register(_absmax("nf2", nf.NF2, "codebook -1, -1/4, 1/4, 1"))
 register(_absmax("fp4", fp.FP4, "4-bit float E2M1, +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}/6 (QLoRA, bitsandbytes)"))
+
+for _bt in ggml.TYPES.values():
+    register(NumberFormat(_bt.name, (_bt.bits,), None, False, _bt.find_params, _bt.encode, _bt.decode,
+                          f"llama.cpp's {_bt.qtype.name} blocks ({_bt.block} columns, {_bt.type_size} bytes; "
+                          "exports to GGUF as they are)", _bt))
