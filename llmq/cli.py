@@ -257,10 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--gguf-embedding-type", choices=EMBEDDING_TYPES, default="auto",
                    help="--to gguf: type of the token embeddings and output head (default auto: what llama-quantize "
                         "gives them for the checkpoint's mix, e.g. q6_k, or q8_0 when the rows are no multiple of 256)")
-    x.add_argument("--gguf-metadata", default=None, metavar="FILE.gguf",
-                   help="--to gguf: copy the architecture and tokenizer metadata from this GGUF of the same model "
-                        "(default: the .gguf the checkpoint was converted from, if it still exists; else written "
-                        "from config.json and tokenizer.json)")
+    x.add_argument("--gguf-metadata", default=None, metavar="FILE.gguf|config",
+                   help="--to gguf: copy the architecture and tokenizer metadata from this GGUF of the same model, or "
+                        "'config' to write them from config.json and tokenizer.json (default: the .gguf the "
+                        "checkpoint was converted from, if it still exists; else 'config')")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier llmq export at DEST")
     x.add_argument("--quiet", action="store_true", help="no progress bar")
     x.add_argument("--json", action="store_true", help="print the export summary as JSON")

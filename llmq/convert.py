@@ -267,7 +267,8 @@ def _summary(req: ConvertRequest, src, plan: QuantPlan, alloc, method: dict, pro
     q_weights = sum(m.shape[0] * m.shape[1] for m in modules.values())
     return {
         "llmq_version": __version__, "model": str(src), "out": str(req.out), "method": method,
-        "scheme": plan.default.to_dict(), "scheme_name": plan.default.describe() + (" (mixed)" if alloc else ""),
+        "scheme": plan.default.to_dict(), "scheme_name": plan.default.describe() + (" (mixed)" if alloc else "")
+        + (f" (llama.cpp {req.gguf_recipe})" if req.gguf_recipe else ""),
         "arguments": prog.args, "streamed": streamed, "quantized_modules": len(modules), "quantized_weights": q_weights,
         "quantized_bytes": q_bytes, "bits_per_weight": 8 * q_bytes / max(q_weights, 1), "load_time_s": round(t_load, 2),
         "layers": [prog.layers[i]["report"] for i in sorted(prog.layers)], "versions": versions(), "machine": machine(),

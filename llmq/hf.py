@@ -34,6 +34,7 @@ from .checkpoint import SHARD_METADATA, tensor_headers
 from .config import QuantPlan, QuantScheme
 from .errors import LlmqError
 from .record import HEADER_KEYS, QUANT_METHOD, CheckpointRecord, ModuleRecord, WeightRecord, describes_checkpoint
+from .recipes import resolve_shapes
 
 log = logging.getLogger("llmq")
 SCHEME_KEYS = tuple(f.name for f in dataclasses.fields(QuantScheme))
@@ -150,7 +151,10 @@ class LlmqHfQuantizer(HfQuantizer):
                     "^" + rec.sentinel.replace(".", r"\.") + "$"}  # fmt: skip
         else:
             skip = set(self.quantization_config.modules_to_not_convert or [])
-            self.modules = {n: self._on_the_fly_record(model, spec, n) for n in quantizable_names(model, spec) if n not in skip}
+            names = [n for n in quantizable_names(model, spec) if n not in skip]
+            shapes = {n: tuple(weight_of(_module(model, n), spec).shape) for n in names}
+            self.plan = resolve_shapes(self.plan, shapes)[0]  # llama.cpp's fallback where a block format does not fit
+            self.modules = {n: self._on_the_fly_record(model, spec, n) for n in names}
         for name, mrec in self.modules.items():
             old = _module(model, name)
             shape = tuple(weight_of(old, spec).shape)  # [out, in]

@@ -186,6 +186,7 @@ def test_export_equals_llmq_and_carries_llama_cpp_metadata(ksrc, tmp_path, model
     assert f[f"{arch}.attention.head_count"] == 4 and f[f"{arch}.attention.head_count_kv"] == 2
     assert f["tokenizer.ggml.model"] == "gpt2" and len(r.fields["tokenizer.ggml.tokens"].contents()) == 300
     assert len(f["tokenizer.ggml.merges"]) > 0 and "tokenizer.ggml.eos_token_id" in f
+    assert f["tokenizer.ggml.pre"] == "default" and f["tokenizer.ggml.add_bos_token"] is False  # as the tokenizer
     model = llmq.load_quantized(q, backend="reference")
     n_linear = 0
     for name, mod in model.named_modules():
@@ -266,3 +267,24 @@ def test_bad_gguf_exports_leave_nothing(ksrc, tiny_dir, tmp_path, capsys):
     assert "model_type 'gpt2'" in capsys.readouterr().err and not (tmp_path / "g.gguf").exists()
     assert main(["quantize", str(src), str(tmp_path / "x"), "--gguf-recipe", "Q4_K_M", "--format", "nf4"]) == 2
     assert "leave out --format" in capsys.readouterr().err
+
+
+def test_on_the_fly_block_format_with_fallback(tiny_dir):
+    """from_pretrained(fp, LlmqConfig(format="q4_k")): rows of 64 fall back to q5_0 as llama.cpp would."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), quantization_config=llmq.LlmqConfig(format="q4_k"))
+    kinds = {mod.scheme.format for mod in m.modules() if hasattr(mod, "scheme")}
+    assert kinds == {"q5_0"}
+
+
+def test_mixed_precision_over_block_formats(ksrc, tmp_path):
+    from conftest import SAMPLE_TEXT
+
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    q = quantize(ksrc(), tmp_path / "q", "--target-bpw", "5.2", "--candidates", "q3_k,q4_k,q6_k", "--calib-split",
+                 "test", "--nsamples", 4, "--seqlen", 32, "--calib", str(tmp_path / "calib.txt"))
+    s = llmq.export(q, tmp_path / "m.gguf", "gguf")
+    lin = [t for n, t in s["tensors"].items() if n.startswith("blk.")]
+    assert set(lin) <= {"Q3_K", "Q4_K", "Q6_K", "F32"} and len(set(lin) - {"F32"}) >= 2
+    assert s["linear_bits_per_weight"] <= 5.2 and s["exact_modules"] == s["modules"]

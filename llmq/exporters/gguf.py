@@ -20,7 +20,9 @@ whole export succeeded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -37,9 +39,11 @@ from ..checkpoint import CheckpointReader
 from ..config import QuantScheme
 from ..errors import LlmqError
 from ..formats import ggml
+from ..gguf_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
 from ..qtensor import QuantizedWeight
 from ..summary import versions
 
+log = logging.getLogger("llmq")
 NAME = "gguf"
 EMBEDDING_TYPES = ("auto", "f16", "f32", *ggml.TYPES)
 SKIPPED_KEYS = ("GGUF.", "general.file_type", "general.quantization_version")
@@ -145,7 +149,9 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
 
 def _metadata_source(src: Path, metadata) -> Path | None:
     """The GGUF file whose metadata (architecture, tokenizer) the export copies, or None to write it from config.json
-    and the tokenizer files."""
+    and the tokenizer files (metadata="config", or no GGUF source)."""
+    if metadata == "config":
+        return None
     if metadata is not None:
         p = Path(metadata)
         if not p.is_file():
@@ -220,11 +226,33 @@ def _bpe_tokenizer(w: gguf.GGUFWriter, src: Path, vocab_size: int) -> None:
             special = s in added and added[s].get("special")
             ttypes.append(gguf.TokenType.CONTROL if special else
                           gguf.TokenType.USER_DEFINED if s in added else gguf.TokenType.NORMAL)  # fmt: skip
+    pre, bos, eos = pre_tokenizer(src)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
+    w.add_add_bos_token(bos)
+    w.add_add_eos_token(eos)
     w.add_token_list(tokens)
     w.add_token_types(ttypes)
-    gguf.SpecialVocab(src, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+    special = gguf.SpecialVocab(src, load_merges=True, n_vocab=vocab_size)
+    special.add_special_token = {}  # written above, from what the tokenizer does
+    special.add_to_gguf(w, quiet=True)
+
+
+def pre_tokenizer(src: Path) -> tuple[str, bool, bool]:
+    """(llama.cpp's name for this tokenizer's pre-tokenizer, whether it adds BOS, whether it adds EOS). The name is
+    found as convert_hf_to_gguf.py finds it (the hash of the ids it gives a fixed text); "default" (logged) for one
+    llama.cpp does not know. BOS / EOS: what the tokenizer itself does to a text (llama.cpp's own default differs)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    h = hashlib.sha256(str(tok.encode(CHECK_TEXT)).encode()).hexdigest()
+    if h not in PRE_TOKENIZERS:
+        log.warning("%s: llama.cpp does not know this tokenizer's pre-tokenizer (hash %s); writing 'default', which "
+                    "may split text differently from the original", src, h[:12])  # fmt: skip
+    ids = tok.encode("a")
+    bos = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
+    eos = tok.eos_token_id is not None and len(ids) > 1 and ids[-1:] == [tok.eos_token_id]
+    return PRE_TOKENIZERS.get(h, "default"), bos, eos
 
 
 def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: dict, permute: bool, mix: str,
