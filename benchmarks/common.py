@@ -29,11 +29,12 @@ def real_setup(model: str | None, nsamples: int, seqlen: int, eval_windows: int,
     """The real model (fp), WikiText-2 test tokens, `eval_windows` x 2048 evaluation tokens from the start and
     `nsamples` x `seqlen` calibration windows (drawn with `seed`) from the second half: disjoint. Returns src,
     fp_model, text, tokens, calib, eval_tokens and `protocol` (how they were made, for the results)."""
+    from llmq.eval.perplexity import text_sha256
+
     from llmq import sources
     from llmq.calibration import draw_windows, tokenize_text
     from llmq.config import CalibConfig
     from llmq.data import load_text
-    from llmq.eval.perplexity import text_sha256
 
     src = sources.resolve(model or default_model())
     fp_model, _ = sources.load_model(src)

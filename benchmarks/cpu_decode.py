@@ -43,9 +43,9 @@ CKPT_ARGS = {"int4": ["--bits", "4", "--group-size", "128"], "int8": ["--bits", 
 
 
 def run_variant(model_path: str, dtype: str, tokens: int, repeats: int, compiled: bool) -> dict:
-    import llmq  # noqa: F401  (registers the loader)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import llmq  # noqa: F401  (registers the loader)
     from llmq import sources
     from llmq.nn import QuantLinear
 
@@ -87,7 +87,8 @@ def matmul_table(repeats: int = 20) -> list[dict]:
     from torch.utils.benchmark import Timer
 
     from llmq.algorithms.rtn import rtn
-    from llmq.backends.cpu import matmul as cpu_matmul, repack_int4, repack_int8
+    from llmq.backends.cpu import matmul as cpu_matmul
+    from llmq.backends.cpu import repack_int4, repack_int8
     from llmq.config import QuantScheme
 
     rows = []

@@ -32,13 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_line, real_setup, write_results  # noqa: E402
+from llmq.eval.perplexity import perplexity  # noqa: E402
 
 from llmq.allocate import allocate  # noqa: E402
 from llmq.config import GPTQConfig, scheme_from_name  # noqa: E402
-from llmq.eval.perplexity import perplexity  # noqa: E402
 from llmq.modeling import fake_quantize  # noqa: E402
 from llmq.pipeline import quantize  # noqa: E402
 from llmq.sensitivity import layer_stats, sensitivity_table  # noqa: E402

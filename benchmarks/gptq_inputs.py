@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_line, real_setup, write_results  # noqa: E402
+from llmq.eval.perplexity import perplexity  # noqa: E402
 
 from llmq.config import GPTQ_INPUTS, GPTQConfig, QuantPlan, scheme_from_name  # noqa: E402
-from llmq.eval.perplexity import perplexity  # noqa: E402
 from llmq.modeling import fake_quantize  # noqa: E402
 from llmq.pipeline import quantize  # noqa: E402
 

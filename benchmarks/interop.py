@@ -62,10 +62,10 @@ def prepare(a) -> None:
 
     sys.path.insert(0, str(HERE))
     from common import default_model, machine
+    from llmq.eval.perplexity import perplexity
 
     from llmq.calibration import tokenize_text
     from llmq.data import find_local_wikitext, load_text
-    from llmq.eval.perplexity import perplexity
 
     torch.set_num_threads(a.threads)
     work = Path(a.work)

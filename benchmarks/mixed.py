@@ -38,11 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_line, real_setup, write_results  # noqa: E402
+from llmq.eval.perplexity import perplexity, text_sha256  # noqa: E402
 
 from llmq.allocate import allocate, allocate_rows, plan_for, row_plan  # noqa: E402
 from llmq.archs import arch_for, weight_of  # noqa: E402
 from llmq.config import DEFAULT_CANDIDATES, DEFAULT_ROW_CANDIDATES, GPTQConfig, QuantPlan, scheme_from_name  # noqa: E402
-from llmq.eval.perplexity import perplexity, text_sha256  # noqa: E402
 from llmq.modeling import fake_quantize  # noqa: E402
 from llmq.pipeline import quantize  # noqa: E402
 from llmq.sensitivity import layer_stats, quantize_candidate, sensitivity_table  # noqa: E402
@@ -393,10 +393,10 @@ def report(payload: dict, out: str) -> None:
     md += [f"| {p['linear']} | {p['estimated_loss_increase']:.5f} | {p['measured_log_ppl_increase']:.5f} |" for p in probes]
     md += ["", "![ppl vs bpw](mixed_ppl_vs_bpw.png)"]
     write_results(out, payload, "\n".join(md) + "\n")
-    plot(rows, fp_ppl, pr["dataset"])
+    plot(rows, fp_ppl, pr["dataset"], re.search(r"first \d+ windows of 2048", pr["eval"]).group(0))
 
 
-def plot(rows, fp_ppl, dataset):
+def plot(rows, fp_ppl, dataset, protocol: str):
     """The report command's ppl-vs-bpw plot, fed records in its own format."""
     from llmq.eval.report import plot_ppl_vs_bpw
 
@@ -404,7 +404,8 @@ def plot(rows, fp_ppl, dataset):
     recs = [{"label": "fp", "kind": "fp", "perplexity": fp_ppl, "dataset": ds}]
     recs += [{"label": r["label"], "kind": "llmq", "method": "mixed" if r["kind"] == "mixed" else "gptq",
               "perplexity": r["perplexity"], "bits_per_weight": r["bits_per_weight"], "dataset": ds} for r in rows]  # fmt: skip
-    plot_ppl_vs_bpw([r for r in recs if r["perplexity"] < 4 * fp_ppl or r["kind"] == "fp"], RESULTS / "mixed_ppl_vs_bpw.png")
+    plot_ppl_vs_bpw([r for r in recs if r["perplexity"] < 4 * fp_ppl or r["kind"] == "fp"], RESULTS / "mixed_ppl_vs_bpw.png",
+                    title=protocol)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_model, machine, machine_line, peak_rss_mb, reset_peak_rss, write_results  # noqa: E402
+from llmq.eval.perplexity import perplexity, text_sha256  # noqa: E402
 
 from llmq import sources  # noqa: E402
 from llmq.calibration import draw_windows, tokenize_text  # noqa: E402
 from llmq.config import CalibConfig, GPTQConfig, QuantScheme  # noqa: E402
 from llmq.data import load_text  # noqa: E402
-from llmq.eval.perplexity import perplexity, text_sha256  # noqa: E402
 from llmq.modeling import fake_quantize  # noqa: E402
 from llmq.pipeline import quantize  # noqa: E402
 

@@ -123,10 +123,13 @@ def plot_allocation(info: dict, out: Path) -> Path:
     for (r, c), v in bpw.items():
         grid[rows.index(r), rels.index(c)] = v
     fig, ax = plt.subplots(figsize=(1.4 * len(rels) + 2.5, 0.28 * len(rows) + 1.6), dpi=110)
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    # a fixed scale, whole bits apart at least: a 0.03 bpw spread must not look like 2 bits against 8
+    lo, hi = np.floor(np.nanmin(grid)), np.ceil(np.nanmax(grid))
+    lo, hi = (lo, hi) if hi - lo >= 2 else (lo - 1, lo + 2)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
     for (r, c), t in label.items():
         ax.text(rels.index(c), rows.index(r), t, ha="center", va="center", fontsize=6,
-                color="white" if bpw[r, c] < np.nanmean(grid) else "black")  # fmt: skip
+                color="white" if bpw[r, c] < (lo + hi) / 2 else "black")  # fmt: skip
     ax.set_xticks(range(len(rels)), [r.split(".")[-1] for r in rels], rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_ylabel("decoder layer")

@@ -23,7 +23,7 @@ def open_model(spec: str, device: str, dtype: torch.dtype | None):
     """(model, tokenizer, facts about the model) for an llmq checkpoint dir or anything `sources` opens."""
     p = Path(spec)
     if p.is_dir() and record.is_llmq_dir(p):
-        info = inspect_dir(p)
+        info = inspect_dir(p, verify=False)  # load_quantized below hashes the shards
         model = load_quantized(p, dtype=dtype, device=device)
         try:
             tok = AutoTokenizer.from_pretrained(p)
@@ -43,19 +43,48 @@ def open_model(spec: str, device: str, dtype: torch.dtype | None):
         raise LlmqError(f"{src}: no tokenizer ({why}); perplexity needs one")
     files = [Path(src.path, src.gguf_file)] if src.gguf_file else list(Path(src.path).glob("*.safetensors")) \
         if src.kind == "dir" else []  # fmt: skip
-    facts = {"kind": "fp", "method": "fp", "scheme": f"fp ({str(dtype or torch.float32).removeprefix('torch.')})",
-             "bits_per_weight": None, "file_bytes": sum(f.stat().st_size for f in files) or None}  # fmt: skip
+    dt = str(dtype or torch.float32).removeprefix("torch.")
+    facts = {"kind": "fp", "method": "fp", "scheme": f"fp ({dt}, dequantized from a .gguf)" if src.gguf_file else
+             f"fp ({dt})", "bits_per_weight": None, "file_bytes": sum(f.stat().st_size for f in files) or None,
+             "source_format": "gguf" if src.gguf_file else "safetensors"}  # fmt: skip
     return model, tok, facts
 
 
+def check_args(a) -> None:
+    """Every argument that can be wrong, before the model loads."""
+    for flag, v, low in (("--seqlen", a.seqlen, 2), ("--stride", a.stride, 1), ("--max-windows", a.max_windows, 1),
+                         ("--batch-size", a.batch_size, 1)):  # fmt: skip
+        if v is not None and v < low:
+            raise LlmqError(f"{flag} {v}: give a value of at least {low}")
+    if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LlmqError(f"--device {a.device}: CUDA is not available on this machine; use --device cpu")
+    if a.json:
+        parent = Path(a.json).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise LlmqError(f"--json {a.json}: directory {parent} does not exist; create it first")
+        if Path(a.json).is_dir():
+            raise LlmqError(f"--json {a.json}: is a directory; give a file name, e.g. {Path(a.json) / 'result.json'}")
+
+
+def check_positions(model, seqlen: int) -> None:
+    """A window longer than the model's positions gives nonsense (or an index error): refuse it."""
+    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if n is not None and seqlen > n:
+        raise LlmqError(f"--seqlen {seqlen} is longer than the model's {n} positions (max_position_embeddings); "
+                        f"use --seqlen {n} or less")  # fmt: skip
+
+
 def evaluate(a) -> dict:
+    check_args(a)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     text, where = load_text(a.dataset, a.split)  # a bad dataset fails before the model loads
     model, tok, facts = open_model(a.model, device, DTYPES.get(a.dtype) if a.dtype else None)
+    check_positions(model, a.seqlen)
     tokens = tokenize_text(tok, text)
     r = perplexity(model, tokens, a.seqlen, a.stride, a.max_windows, a.batch_size, device, quiet=a.quiet)
     record = {
-        "label": a.label or (facts["scheme"] if facts["kind"] == "llmq" else "fp"),
+        "label": a.label or (facts["scheme"] if facts["kind"] == "llmq" else
+                             "fp (from .gguf)" if facts.get("source_format") == "gguf" else "fp"),
         "model": a.model, **facts,
         "dataset": {"name": a.dataset or "wikitext2", "source": where, "split": a.split, "sha256": text_sha256(text),
                     "tokens": len(tokens)},

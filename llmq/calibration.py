@@ -39,11 +39,11 @@ def draw_windows(tokens: torch.Tensor, cfg: CalibConfig) -> torch.Tensor:
     return torch.stack([tokens[s : s + cfg.seqlen] for s in starts.tolist()])
 
 
-def calibration_windows(cfg: CalibConfig, tokenizer) -> torch.Tensor:
-    """[nsamples, seqlen] int64 token windows for `cfg`."""
+def calibration_windows(cfg: CalibConfig, tokenizer, text: tuple[str, str] | None = None) -> torch.Tensor:
+    """[nsamples, seqlen] int64 token windows for `cfg`; `text`: (text, where) when already read (load_text)."""
     if tokenizer is None:
         raise LlmqError("calibration needs the model's tokenizer, and none was found next to the model")
-    text, where = load_text(cfg.source, cfg.split)
+    text, where = text or load_text(cfg.source, cfg.split)
     tokens = tokenize_text(tokenizer, text)
     log.info("calibration: %d × %d tokens from %s (%s tokens, range %s)", cfg.nsamples, cfg.seqlen, where,
              f"{len(tokens):,}", cfg.token_range)  # fmt: skip

@@ -60,7 +60,26 @@ def atomic_write_json(path: Path, obj) -> None:
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] = SHARD_METADATA) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _sort_metadata(tmp)
     _fsync_rename(tmp, path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted. safetensors writes them in hash-map order,
+    which varies between processes; sorted, the same tensors give the same file bytes in every run (a resumed
+    conversion's shards equal an uninterrupted one's, checksums included). Same length: the header is rewritten in
+    place, padded with spaces as safetensors pads it."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # never: same content, same compact serialization
+            raise LlmqError(f"{path}: could not canonicalize the safetensors header")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def sha256_file(path: Path) -> str:

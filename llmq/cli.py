@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+import transformers
+
 from . import formats, recipes
 from .checkpoint import atomic_write_json
 from .config import GPTQ_INPUTS, CalibConfig, GPTQConfig, MixedConfig, QuantScheme, scheme_from_name
@@ -18,7 +20,8 @@ from .eval.plots import plot_allocation, plot_layer
 from .eval.report import report
 from .eval.run import evaluate, print_record
 from .exporters import TARGETS, export
-from .exporters.gguf import EMBEDDING_TYPES, print_summary as print_gguf_summary
+from .exporters.gguf import EMBEDDING_TYPES
+from .exporters.gguf import print_summary as print_gguf_summary
 from .inspect import inspect_dir, print_table
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
@@ -70,7 +73,9 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-search", action="store_true", help="per group, search the range shrink with least error")
     g.add_argument("--outliers", type=float, default=0.0, metavar="FRAC",
                    help="fraction of weights kept exact in fp16, e.g. 0.005")
-    g.add_argument("--scale-dtype", choices=DTYPE_NAMES, default="float16")
+    g.add_argument("--scale-dtype", choices=DTYPE_NAMES, default="float16",
+                   help="storage dtype of the per-group scales (default float16; bfloat16 / float32 for weights whose "
+                        "scales overflow float16)")
 
 
 def scheme_from_args(a) -> QuantScheme:
@@ -106,7 +111,7 @@ def cmd_quantize(a) -> int:
 
 # ---- inspect ------------------------------------------------------------------------------------
 def cmd_inspect(a) -> int:
-    info = inspect_dir(Path(a.dir))
+    info = inspect_dir(Path(a.dir), verify=not a.no_verify)
     if a.plot_allocation:
         print(f"wrote {plot_allocation(info, Path(a.plot_allocation))}")
         return 0
@@ -173,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-range", type=parse_range, default=(0.0, 1.0), metavar="LO:HI",
                    help="draw windows only from this fraction of the tokens, e.g. 0.5:1 keeps the first half "
                         "for evaluation (default 0:1)")
-    g.add_argument("--seed", type=int, default=0, help="seed for drawing the windows")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing the windows (default 0)")
     g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize columns by decreasing Hessian diagonal (default on)")
@@ -229,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
     e.add_argument("--stride", type=int, default=None, help="sliding windows every N tokens (default: seqlen)")
     e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
-    e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     e.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="activation dtype (default float32 on CPU, float16 on CUDA)")
@@ -266,14 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print the export summary as JSON")
     x.set_defaults(func=cmd_export)
 
-    r = sub.add_parser("report", help="compare eval results: markdown table and plots")
+    r = sub.add_parser("report", help="compare eval results: markdown table and plots",
+                       description="Compare records written by `llmq eval --json` (measured on the same text): "
+                                   "report.md with a table of perplexity, bits per weight, size and speed, and PNG "
+                                   "plots of perplexity against bits per weight and of size and speed.")  # fmt: skip
     r.add_argument("results", nargs="+", metavar="RESULTS.json", help="records written by `llmq eval --json`")
     r.add_argument("--out", required=True, metavar="DIR", help="where to write report.md and the PNGs")
     r.set_defaults(func=cmd_report)
 
-    i = sub.add_parser("inspect", help="show the schemes, sizes and bits per weight of a checkpoint")
+    i = sub.add_parser("inspect", help="show the schemes, sizes and bits per weight of a checkpoint",
+                       description="Check an llmq checkpoint (shards readable, sha256 against the index, tensors "
+                                   "against config.json; exit 2 if not) and show each quantized module's scheme, "
+                                   "shape, size and bits per weight; optional plots of a module's weights against its "
+                                   "grid, or of a mixed-precision allocation.")  # fmt: skip
     i.add_argument("dir", metavar="DIR", help="llmq checkpoint dir")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--no-verify", action="store_true",
+                   help="skip hashing the shards against the index's sha256 (about 1 s per GB); headers are still "
+                        "checked against config.json")
     i.add_argument("--plot", metavar="LAYER", default=None,
                    help="write a PNG of this module's weights against its grid, and its per-group error")
     i.add_argument("--plot-allocation", metavar="PNG", default=None,
@@ -288,8 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if not getattr(a, "quiet", False) else logging.WARNING,
-                        format="%(message)s")  # fmt: skip
+    quiet = getattr(a, "quiet", False)
+    logging.basicConfig(level=logging.INFO if not quiet else logging.WARNING, format="%(message)s")
+    if quiet:  # transformers' own bars too (e.g. de-quantizing a .gguf, loading weights)
+        transformers.utils.logging.disable_progress_bar()
     try:
         return a.func(a)
     except LlmqError as e:

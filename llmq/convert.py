@@ -27,6 +27,7 @@ from .archs import arch_for, decoder_layers
 from .calibration import calibration_windows
 from .checkpoint import DEFAULT_MAX_SHARD, CheckpointWriter, atomic_write_json, atomic_write_text
 from .config import CalibConfig, GPTQConfig, MixedConfig, QuantPlan, QuantScheme
+from .data import load_text
 from .dtypes import DTYPES
 from .errors import LlmqError
 from .lazy import LazyModel
@@ -96,6 +97,9 @@ class ConvertRequest:
                 raise LlmqError("a GGUF recipe fixes every tensor's type; it cannot be combined with mixed precision")
         if (self.method == "gptq" or self.mixed is not None) and self.calib is None:
             object.__setattr__(self, "calib", CalibConfig())
+        if self.max_shard_size < 1024:
+            raise LlmqError(f"--max-shard-size {self.max_shard_size} bytes: give a size of at least 1KB with its unit, "
+                            "e.g. 2GB (the default) or 500MB")  # fmt: skip
 
     def fingerprint_args(self, src) -> dict:
         """Everything that changes the output: a resumed conversion must match this exactly."""
@@ -119,15 +123,19 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
     src = sources.resolve(req.model)
     config = sources.load_config(src)
     spec = arch_for(config)  # unsupported architecture: fail before any heavy work
+    _check_positions(req, config)
     out = req.out
     prog = Progress.open(out, req.fingerprint_args(src), req.overwrite)
     t0 = time.perf_counter()
     try:
-        lazy = LazyModel(src, config, spec)
+        # the calibration text (exists, decodes, long enough) before the model loads (a .gguf loads whole: minutes)
+        text = load_text(req.calib.source, req.calib.split) if req.calib is not None else None
         tokenizer, why = sources.load_tokenizer(src)
         if tokenizer is None:
             log.warning("no tokenizer saved: %s", why)
-        plan, alloc, acts = _prepare(req, lazy, tokenizer)
+        calib = calibration_windows(req.calib, tokenizer, text) if req.calib is not None else None
+        lazy = LazyModel(src, config, spec)
+        plan, alloc, acts = _prepare(req, lazy, calib)
         t_load = time.perf_counter() - t0
         writer = CheckpointWriter(out, req.max_shard_size, first_part=prog.next_part)
         n_layers = len(decoder_layers(lazy.model, spec))
@@ -170,10 +178,16 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
     return summary
 
 
-def _prepare(req: ConvertRequest, lazy: LazyModel, tokenizer):
+def _check_positions(req: ConvertRequest, config) -> None:
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if req.calib is not None and n is not None and req.calib.seqlen > n:
+        raise LlmqError(f"--seqlen {req.calib.seqlen} is longer than the model's {n} positions "
+                        f"(max_position_embeddings); use --seqlen {n} or less")  # fmt: skip
+
+
+def _prepare(req: ConvertRequest, lazy: LazyModel, calib):
     """Before the layer loop: (plan, mixed-precision allocation or None, GPTQ activations or None)."""
     plan, alloc, acts = QuantPlan(req.scheme), None, None
-    calib = calibration_windows(req.calib, tokenizer) if req.calib is not None else None
     if req.mixed or req.gptq:
         lazy.load_rest(head=req.mixed is not None)  # embeddings for calibration (the whole model for sensitivity)
     if req.mixed:

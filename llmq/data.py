@@ -54,6 +54,13 @@ def load_text(source: str | None, split: str) -> tuple[str, str]:
     if source == "wikitext2" and local is not None:  # the same data, offline
         source = str(local)
     p = Path(source).expanduser()
+    try:
+        return _read_local(p, split) or _named(source, split)
+    except UnicodeDecodeError as e:
+        raise LlmqError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); give a text file") from None
+
+
+def _read_local(p: Path, split: str) -> tuple[str, str] | None:
     if p.is_dir():
         f = p / f"wiki.{split}.raw"
         if not f.is_file():
@@ -67,7 +74,16 @@ def load_text(source: str | None, split: str) -> tuple[str, str]:
             except (ValueError, KeyError, TypeError) as e:
                 raise LlmqError(f"{p}: each line must be a JSON object with a 'text' field ({e})") from None
             return "\n\n".join(rows), str(p)
-        return p.read_text(encoding="utf-8"), str(p)
+        text = p.read_text(encoding="utf-8")
+        if "\x00" in text:
+            raise LlmqError(f"{p}: a binary file (it holds NUL bytes), not text; give a text file")
+        if not text.strip():
+            raise LlmqError(f"{p}: the file is empty; give a text file with enough text for the windows asked")
+        return text, str(p)
+    return None
+
+
+def _named(source: str, split: str) -> tuple[str, str]:
     if source in NAMED:
         return _from_datasets(source, split), f"datasets:{source}/{split}"
     looks_like_path = os.sep in source or "." in Path(source).name

@@ -18,8 +18,10 @@ weights. With llmq imported that module is a QuantLinear, and the key is ignored
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -30,14 +32,19 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import codec, formats, nn
 from .algorithms.rtn import rtn
 from .archs import arch_for, quantizable_names, weight_of
-from .checkpoint import SHARD_METADATA, tensor_headers
+from .checkpoint import SHARD_METADATA, CheckpointReader, tensor_headers
 from .config import QuantPlan, QuantScheme
 from .errors import LlmqError
-from .record import HEADER_KEYS, QUANT_METHOD, CheckpointRecord, ModuleRecord, WeightRecord, describes_checkpoint
+from .pipeline import check_finite
 from .recipes import resolve_shapes
+from .record import HEADER_KEYS, QUANT_METHOD, CheckpointRecord, ModuleRecord, WeightRecord, describes_checkpoint
 
 log = logging.getLogger("llmq")
 SCHEME_KEYS = tuple(f.name for f in dataclasses.fields(QuantScheme))
+
+
+# whether loading a checkpoint hashes its shards against the index (llmq.load_quantized(verify=False) clears it)
+VERIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("llmq_verify", default=True)
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -96,6 +103,11 @@ class LlmqQuantize(ConversionOps):
             value = value[0] if isinstance(value, list) else value
             name = key.rpartition(".")[0]
             W = value.t() if self.hf_quantizer.transposed else value
+            try:  # a NaN/Inf weight would quantize to NaN or garbage, silently
+                check_finite(W, name)
+            except LlmqError as e:  # transformers would fold an error raised here into its own report: raise it
+                self.hf_quantizer.errors.append(e)  # after loading (_process_model_after_weight_loading)
+                W = torch.zeros_like(W)
             qw = rtn(W.to(torch.float32), self.hf_quantizer.plan.scheme_for(name))
             out |= {k: v.to(value.device) for k, v in codec.encode(name, qw).items()}
             if missing_keys is not None:
@@ -111,6 +123,7 @@ class LlmqHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.transposed = False
         self.modules: dict[str, ModuleRecord] = {}
+        self.errors: list[LlmqError] = []  # found while quantizing on the fly
         qc = quantization_config
         if self.pre_quantized and not qc.pre:
             raise LlmqError("this checkpoint's quantization_config is not a complete llmq config; re-save it with llmq")
@@ -172,7 +185,11 @@ class LlmqHfQuantizer(HfQuantizer):
                 # children's tensors come from the checkpoint, so there is nothing of its own to initialise
                 p._is_hf_initialized = True
         if self.pre_quantized and checkpoint_files:
-            check_checkpoint(model, rec, [Path(f) for f in checkpoint_files])
+            files = [Path(f) for f in checkpoint_files]
+            # every shard readable, its format version, and its sha256 against the index (LLMQ_VERIFY=0 skips the
+            # hashing: ~1 s per GB)
+            CheckpointReader(files[0].parent, verify=VERIFY.get() and os.environ.get("LLMQ_VERIFY", "1") != "0")
+            check_checkpoint(model, rec, files)
         return model
 
     def _on_the_fly_record(self, model, spec, name: str) -> ModuleRecord:
@@ -182,6 +199,8 @@ class LlmqHfQuantizer(HfQuantizer):
         return ModuleRecord(name, shape, (WeightRecord(scheme, shape, nnz),))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.errors:
+            raise self.errors[0]
         for name in self.modules:
             mod = model.get_submodule(name)
             if "weight" in mod._parameters:
@@ -237,6 +256,12 @@ def check_checkpoint(model, record: CheckpointRecord, files: list[Path]) -> None
     unexpected = sorted(set(headers) - owned - needed - {record.sentinel})
     if unexpected:
         raise LlmqError(f"{where}: unexpected tensor(s) {unexpected[:5]}; the checkpoint does not match config.json")
+    state = model.state_dict()
+    for k in sorted(needed & set(headers)):  # the full-precision tensors: a float of the model's shape
+        dtype, shape = headers[k][0], headers[k][1]
+        if dtype is None or not dtype.is_floating_point or tuple(shape) != tuple(state[k].shape):
+            raise LlmqError(f"{where}: tensor {k} is {dtype} {list(shape)}, the model built from config.json needs a "
+                            f"float tensor of shape {list(state[k].shape)}")  # fmt: skip
 
 
 def compile_decoding(model, max_cache_len: int = 2048, mode: str | None = None):

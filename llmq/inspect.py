@@ -1,11 +1,11 @@
 """`llmq inspect`: per-module scheme, size and bits per weight of a checkpoint, from its record and the file headers
-only (no tensor data is read)."""
+(tensor data is read only to check each shard's sha256 against the index)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from . import codec, record
-from .checkpoint import tensor_bytes
+from .checkpoint import CheckpointReader, tensor_bytes
 from .record import ModuleRecord
 from .summary import human_bytes
 
@@ -18,8 +18,12 @@ def short_name(m: ModuleRecord) -> str:
     return m.describe().replace("-asym", "").replace("-clip", "")
 
 
-def inspect_dir(d: Path) -> dict:
+def inspect_dir(d: Path, verify: bool = True) -> dict:
+    """The table of checkpoint `d`, after the checks every reader makes: each shard readable (and, with verify, its
+    sha256 against the index), and the shards' headers holding exactly what config.json describes."""
     _, rec = record.read(d)
+    reader = CheckpointReader(d, verify=verify)
+    codec.check_headers(rec, reader.headers(), str(d))
     sizes = tensor_bytes(d)
     modules, q_bytes, q_weights = [], 0, 0
     for name, m in rec.modules.items():

@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from . import codec, record
 from .archs import arch_for
-from .checkpoint import CheckpointReader, CheckpointWriter
+from .checkpoint import CheckpointWriter
 from .config import QuantPlan
+from .hf import VERIFY
 from .nn import set_backend
 from .qtensor import QuantizedWeight, RowSplitWeight
 
@@ -53,17 +54,21 @@ def load_quantized(d, dtype: torch.dtype | None = None, device: str | torch.devi
                    backend: str = "auto", verify: bool = True):  # fmt: skip
     """A working transformers model from an llmq checkpoint dir (QuantLinear in place of quantized linears).
 
-    The same loader as `AutoModelForCausalLM.from_pretrained(d)` after `import llmq`, with the checks done first:
-    the record (config.json), every shard listed in the index present and readable, and with verify=True each
-    shard's sha256 against the index (catches corrupted files).
+    The same loader as `AutoModelForCausalLM.from_pretrained(d)` after `import llmq`, which checks every shard listed
+    in the index (present, readable, its sha256 against the index), the shards' headers against config.json, and
+    that no tensor is missing; this adds the record check first (an interrupted conversion's dir says so) and
+    verify=False skips the hashing.
     dtype: activation / full-precision dtype; default float32 on CPU, float16 on CUDA.
     backend: for every QuantLinear ("auto" also honours $LLMQ_BACKEND).
     """
     d = Path(d)
     record.read(d)
-    CheckpointReader(d, verify=verify)
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+    token = VERIFY.set(verify)  # the HF hook checks shards, checksums and headers (llmq/hf.py)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+    finally:
+        VERIFY.reset(token)
     if backend != "auto":
         set_backend(model, backend)
     return model.to(device).eval()

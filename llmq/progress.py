@@ -27,10 +27,10 @@ def prepare_output_dir(out: Path, overwrite: bool) -> bool:
     if out.exists() and not out.is_dir():
         raise LlmqError(f"{out}: exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()):
+        if not is_llmq_dir(out):  # --overwrite would not help: llmq never deletes a directory it did not write
+            raise LlmqError(f"{out}: not empty and not an llmq output; choose another (new or empty) output directory")
         if not overwrite:
-            raise LlmqError(f"{out}: output directory is not empty; pass --overwrite to replace it, or choose another")
-        if not is_llmq_dir(out):
-            raise LlmqError(f"{out}: not empty and not an llmq output, refusing to delete it even with --overwrite")
+            raise LlmqError(f"{out}: holds an earlier llmq output; pass --overwrite to replace it, or choose another")
         shutil.rmtree(out)
     created = not out.exists()
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM_NAMES
 
 from .checkpoint import FORMAT_VERSION, PART_PREFIX, PROGRESS_NAME
 from .config import QuantPlan, QuantScheme
@@ -233,8 +234,12 @@ def is_llmq_dir(out: Path) -> bool:
 
 
 def model_config(config: dict, quantization_config: dict, dtype: str) -> dict:
-    """config.json of a quantized model (llmq's, or an export's with the target's quantization_config)."""
-    return config | {"dtype": dtype, "quantization_config": quantization_config}
+    """config.json of a quantized model (llmq's, or an export's with the target's quantization_config). A source that
+    left `architectures` null (e.g. a .gguf through transformers) gets its causal-LM class: engines dispatch on it."""
+    out = config | {"dtype": dtype, "quantization_config": quantization_config}
+    if not out.get("architectures") and out.get("model_type") in CAUSAL_LM_NAMES:
+        out["architectures"] = [CAUSAL_LM_NAMES[out["model_type"]]]
+    return out
 
 
 def without_record(config: dict) -> dict:

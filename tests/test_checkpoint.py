@@ -1,5 +1,4 @@
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,6 @@ from safetensors.torch import load_file, save_file
 import llmq
 from llmq.checkpoint import tensor_bytes
 from llmq.cli import main
-from llmq.config import QuantScheme
 from llmq.errors import LlmqError
 from llmq.inspect import inspect_dir
 
@@ -137,12 +135,12 @@ def test_output_dir_not_empty(capsys, tiny_dir, tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     err = run_err(capsys, "quantize", src, out)
-    assert "--overwrite" in err
+    assert "not an llmq output; choose another" in err and "--overwrite" not in err  # it would not help
     err = run_err(capsys, "quantize", src, out, "--overwrite")  # not an llmq dir: never deleted
-    assert "refusing" in err and (out / "precious.txt").read_text() == "keep me"
+    assert "not an llmq output" in err and (out / "precious.txt").read_text() == "keep me"
     (out / "precious.txt").unlink()
     quantize_cli(src, out)
-    run_err(capsys, "quantize", src, out)
+    assert "pass --overwrite" in run_err(capsys, "quantize", src, out)  # an earlier llmq output: --overwrite helps
     quantize_cli(src, out, "--overwrite")
 
 
@@ -200,30 +198,48 @@ def shard_of(d: Path) -> Path:
     return next(d.glob("model-*.safetensors"))
 
 
-def test_truncated_shard(qdir):
+def load_with(loader: str, d, verify=True, monkeypatch=None):
+    """Both loading paths: llmq.load_quantized, and transformers' from_pretrained after `import llmq`."""
+    if loader == "load_quantized":
+        return llmq.load_quantized(d, verify=verify)
+    from transformers import AutoModelForCausalLM
+
+    if not verify:
+        monkeypatch.setenv("LLMQ_VERIFY", "0")
+    return AutoModelForCausalLM.from_pretrained(d)
+
+
+LOADERS = ["load_quantized", "from_pretrained"]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_truncated_shard(qdir, loader):
     s = shard_of(qdir)
     data = s.read_bytes()
     s.write_bytes(data[: len(data) // 2])
     with pytest.raises(LlmqError, match=f"{s.name}.*truncated or corrupted"):
-        llmq.load_quantized(qdir)
+        load_with(loader, qdir)
 
 
-def test_corrupted_shard_bytes(qdir):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_corrupted_shard_bytes(qdir, loader):
+    """One flipped byte in tensor data: the shard's checksum, on every loading path."""
     s = shard_of(qdir)
     data = bytearray(s.read_bytes())
     data[-100] ^= 0xFF
     s.write_bytes(bytes(data))
     with pytest.raises(LlmqError, match=f"{s.name}: checksum mismatch"):
-        llmq.load_quantized(qdir)
+        load_with(loader, qdir)
 
 
-def test_corrupted_shard_header(qdir):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_corrupted_shard_header(qdir, loader, monkeypatch):
     s = shard_of(qdir)
     data = bytearray(s.read_bytes())
     data[10:20] = b"!!!!!!!!!!"
     s.write_bytes(bytes(data))
     with pytest.raises(LlmqError, match=f"{s.name}.*truncated or corrupted"):
-        llmq.load_quantized(qdir, verify=False)
+        load_with(loader, qdir, verify=False, monkeypatch=monkeypatch)
 
 
 def test_wrong_format_version(qdir):

@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import torch
+from conftest import make_tiny, make_tokenizer, quantize_killed_after
 from safetensors.torch import load_file, save_file
 
 import llmq
 from llmq.cli import main
 from llmq.errors import LlmqError
-
-from conftest import make_tiny, make_tokenizer, quantize_killed_after
 
 
 @pytest.fixture
@@ -62,6 +61,12 @@ def test_kill9_then_resume_is_bit_identical(src4, sample_text, tmp_path, method)
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
     assert not (a / "llmq_progress.json").exists()
+    # the files too: shards byte for byte (safetensors' __metadata__ order is fixed), so the index's sha256 agree
+    shards = sorted(p.name for p in b.glob("model*.safetensors"))
+    assert shards == sorted(p.name for p in a.glob("model*.safetensors"))
+    for s in shards:
+        assert (a / s).read_bytes() == (b / s).read_bytes(), s
+    assert (a / "model.safetensors.index.json").read_bytes() == (b / "model.safetensors.index.json").read_bytes()
 
 
 def test_resume_with_other_arguments_is_refused(src4, tmp_path):

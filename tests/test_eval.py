@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT, make_tiny, make_tokenizer
+from llmq.eval.perplexity import perplexity, windows
 
 from llmq.cli import main
 from llmq.errors import LlmqError
-from llmq.eval.perplexity import perplexity, windows
-
-from conftest import SAMPLE_TEXT, make_tiny, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +83,9 @@ def test_windows_bad_input():
 
 def test_reproduces_reference_on_smollm2(real_model_path, wikitext):
     """../shared/models/.../SOURCE.md: fp, first 20,480 tokens, seqlen 2048 -> 19.922."""
-    from llmq import sources
     from llmq.eval.perplexity import perplexity_of_model
+
+    from llmq import sources
 
     src = sources.resolve(str(real_model_path))
     model, _ = sources.load_model(src)
@@ -148,7 +148,8 @@ def test_eval_bad_input(tiny_dir, tmp_path, capsys):
     assert "unknown dataset name" in err_of(capsys, "eval", src, "--dataset", "wikitext7")
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    assert "fewer than one window of seqlen=2048" in err_of(capsys, "eval", src, "--dataset", short)
+    assert "fewer than one window of seqlen=64" in err_of(capsys, "eval", src, "--dataset", short, "--seqlen", "64")
+    assert "longer than the model's 256 positions" in err_of(capsys, "eval", src, "--dataset", short)
     from transformers import BertConfig, BertModel
 
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny, make_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import llmq
 from llmq.cli import main
-
-from conftest import make_tiny, make_tokenizer
 
 # ragged shapes: hidden 80 and MLP 176 are no multiple of 32, so 3-bit rows end inside an int32 word; k/v have 16 rows
 SHAPES = dict(hidden_size=80, intermediate_size=176, num_attention_heads=5, num_key_value_heads=1)

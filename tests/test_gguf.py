@@ -5,6 +5,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny, make_tokenizer
 
 import llmq
 from llmq.algorithms.gptq import gptq
@@ -15,8 +16,6 @@ from llmq.errors import LlmqError
 from llmq.formats import ggml
 from llmq.gguf_names import rotary_permute
 from llmq.recipes import Tensor, fitted, mix_type, output_type
-
-from conftest import make_tiny, make_tokenizer
 
 TYPES = tuple(ggml.TYPES)
 # K-quants need rows of 256: a tiny Llama whose every linear holds them (head_dim 64, 4 heads, 2 KV heads)

@@ -118,7 +118,7 @@ def test_without_import_llmq_loading_fails_loudly(qdir):
     assert "llmq" in r.stderr  # transformers names the unknown quant_method before failing
 
 
-def test_wrong_version_and_missing_tensor_name_the_module(qdir):
+def test_wrong_version_and_missing_tensor_name_the_module(qdir, monkeypatch):
     d = qdir("--bits", "4")
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"]["format_version"] = 7
@@ -132,6 +132,9 @@ def test_wrong_version_and_missing_tensor_name_the_module(qdir):
     t = load_file(shard)
     del t["model.layers.1.self_attn.o_proj.scales"]
     save_file(t, shard, metadata={"format": "pt"})
+    with pytest.raises(LlmqError, match=f"{shard.name}: checksum mismatch"):  # by default, the checksum first
+        AutoModelForCausalLM.from_pretrained(d2)
+    monkeypatch.setenv("LLMQ_VERIFY", "0")  # without it, the header check names the tensor
     with pytest.raises(LlmqError, match=r"model.layers.1.self_attn.o_proj: missing tensor\(s\) model.layers.1.self_attn.o_proj.scales"):
         AutoModelForCausalLM.from_pretrained(d2)
 
@@ -205,3 +208,18 @@ def test_device_map_auto_with_offload_runs(qdir, tmp_path):
     assert "disk" in placed and "cpu" in placed, m.hf_device_map  # really split between memory and disk
     assert rel(logits(m), logits(ref)) < CPU_INT4_TOL  # layers kept in memory may use the cpu backend
     assert m.generate(torch.randint(0, 256, (1, 6)), max_new_tokens=3, do_sample=False).shape == (1, 9)
+
+
+@pytest.mark.parametrize("kw", [{"method": "rtn"}, {"method": "nf4"}, {"method": "nf4", "double_quant": True},
+                                {"format": "q4_0"}])  # fmt: skip
+def test_on_the_fly_refuses_non_finite_weights(tiny_dir, kw):
+    """A NaN/Inf source weight is refused naming the tensor (it quantized to NaN or garbage before)."""
+    from safetensors.torch import load_file, save_file
+
+    d = tiny_dir("llama")
+    f = d / "model.safetensors"
+    state = load_file(f)
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(LlmqError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has 1 NaN/Inf"):
+        AutoModelForCausalLM.from_pretrained(d, quantization_config=llmq.LlmqConfig(**kw))

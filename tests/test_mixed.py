@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import make_tiny, make_tokenizer, quantize_killed_after
 
 import llmq
 from llmq.allocate import allocate
@@ -13,8 +14,6 @@ from llmq.cli import main
 from llmq.config import DEFAULT_CANDIDATES, QuantScheme, scheme_from_name
 from llmq.errors import LlmqError
 from llmq.sensitivity import damage, layer_stats
-
-from conftest import make_tiny, make_tokenizer, quantize_killed_after
 
 
 def brute_force(damage_t, nbytes, budget):

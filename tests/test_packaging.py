@@ -3,7 +3,6 @@
 environment's third-party packages through a .pth file, so nothing heavy is installed again."""
 import site
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

@@ -3,14 +3,13 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny, make_tokenizer
 
 import llmq
 from llmq.calibration import calibration_windows, draw_windows
 from llmq.cli import main
 from llmq.config import CalibConfig, GPTQConfig, QuantPlan, QuantScheme
 from llmq.errors import LlmqError
-
-from conftest import make_tiny, make_tokenizer
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "opt"]
 

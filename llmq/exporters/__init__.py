@@ -24,7 +24,6 @@ from types import ModuleType
 
 import torch
 from tqdm.auto import tqdm
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .. import codec, record
 from ..checkpoint import INDEX_NAME, CheckpointReader, CheckpointWriter, atomic_write_json, atomic_write_text
@@ -73,8 +72,6 @@ def export(src, dest, to: str, dtype: str = "float16", gptq_format: str = "v1", 
         atomic_write_json(tmp / SUMMARY_NAME, summary)
         atomic_write_text(tmp / "README.md", model_card(summary, exporter.serving(str(dest))))
         model_config = record.model_config(record.without_record(config), exporter.config(rec, opts), dtype)
-        if not model_config.get("architectures"):  # written as null by some sources; engines dispatch on it
-            model_config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_config["model_type"]]]
         writer.finish(model_config)  # shards renamed, index, then config.json last
         if dest.exists():
             shutil.rmtree(dest)  # empty, or an earlier llmq export (with --overwrite): checked above

@@ -20,7 +20,9 @@ float32 operations, so the two agree bit for bit):
 
 The group parameters of a K-quant are double-quantized along the row (one fp16 d per 256 columns), so they are fixed
 for the whole weight before any code is chosen (GPTQ runs these formats with static groups). Sym formats take a
-signed scale (the largest-magnitude weight of a group lands exactly on the grid's longer end, as llama.cpp does).
+signed scale (the largest-magnitude weight of a group lands exactly on the grid's longer end, as llama.cpp does),
+except Q8_0, whose scale is max|w| / 127 as in llama.cpp: a tensor already on a Q8_0 grid re-quantizes to its own
+codes.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class BlockType:
     offset: bool  # a per-group offset O instead of a zero point
     sc_bits: int = 0  # K-quants: width of the per-group scale (and min) codes
     clamp_min: bool = False  # K offset types keep 0 inside every group's range (O <= 0)
+    absmax_div: int = 0  # Q8_0: S = max|w| / 127 as llama.cpp (so a Q8_0 tensor re-quantizes to itself)
 
     @property
     def maxq(self) -> int:
@@ -65,6 +68,8 @@ class BlockType:
                 lo, hi = lo.clamp(max=0), hi.clamp(min=0)
             lo, hi = lo * shrink, hi * shrink
             return (hi - lo) / self.maxq, lo
+        if self.absmax_div:
+            return Wg.abs().amax(-1) * shrink / self.absmax_div, None
         i = Wg.abs().argmax(-1, keepdim=True)
         signed_max = Wg.gather(-1, i).squeeze(-1)
         return signed_max * shrink / -self.zero, None
@@ -276,7 +281,7 @@ TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("q4_1", QT.Q4_1, 4, 32, 32, 20, 0, True),
     BlockType("q5_0", QT.Q5_0, 5, 32, 32, 22, 16, False),
     BlockType("q5_1", QT.Q5_1, 5, 32, 32, 24, 0, True),
-    BlockType("q8_0", QT.Q8_0, 8, 32, 32, 34, 128, False),
+    BlockType("q8_0", QT.Q8_0, 8, 32, 32, 34, 128, False, absmax_div=127),
     BlockType("q2_k", QT.Q2_K, 2, 256, 16, 84, 0, True, sc_bits=4, clamp_min=True),
     BlockType("q3_k", QT.Q3_K, 3, 256, 16, 110, 4, False, sc_bits=6),
     BlockType("q4_k", QT.Q4_K, 4, 256, 32, 144, 0, True, sc_bits=6, clamp_min=True),

@@ -1,0 +1,130 @@
+"""Fuzz both loaders with thousands of mutated checkpoints (tests/fuzzing.py; tests/test_fuzz.py runs 300 in CI).
+
+    python benchmarks/fuzz.py [--variants 5000] [--work /tmp/llmq-fuzz]
+
+A tiny Llama quantized to asymmetric int4 g32 with 1% outliers, in several shards (every kind of llmq tensor:
+qweight, scales, qzeros, the outliers' CSR, norms, embeddings). Each variant mutates one shard, seeded: its
+safetensors header (dtype, shape, rank, data offsets, dropped / renamed / swapped entries, metadata, the length
+field, flipped header bytes, garbage, a header that is no JSON object) or its tensor data (flipped bytes, truncation,
+appended bytes, a zeroed range). Every variant goes through llmq.load_quantized and through transformers'
+from_pretrained (verification on, the default); header variants also through from_pretrained with LLMQ_VERIFY=0,
+where only the header checks stand between a mutation and the weights. A variant that takes longer than --timeout
+seconds counts as a hang. Results: benchmarks/results/fuzz.md + fuzz.json.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+from common import machine, machine_line, write_results  # noqa: E402
+
+
+class Hang(Exception):
+    pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", type=int, default=5000)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/llmq-fuzz"))
+    ap.add_argument("--timeout", type=int, default=60)
+    a = ap.parse_args()
+    import transformers
+    from conftest import make_tiny, make_tokenizer
+    from fuzzing import DATA_KINDS, HEADER_KINDS, load, outcome, state, variant
+
+    from llmq.cli import main as llmq_main
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    a.work.mkdir(parents=True, exist_ok=True)
+    src, q = a.work / "src", a.work / "q"
+    if not (q / "config.json").is_file():
+        make_tiny("llama", vocab=300).save_pretrained(src)
+        make_tokenizer(300).save_pretrained(src)
+        assert llmq_main(["quantize", str(src), str(q), "--quiet", "--bits", "4", "--group-size", "32", "--outliers",
+                          "0.01", "--max-shard-size", "40KB", "--overwrite"]) == 0  # fmt: skip
+    refs = {loader: state(load(loader, q, True)) for loader in ("load_quantized", "from_pretrained")}
+
+    def on_alarm(*_):
+        raise Hang()
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    counts, by_kind, errors, bad = Counter(), Counter(), Counter(), []
+    t0 = time.perf_counter()
+    n_header = a.variants * 6 // 10
+    for seed in range(a.variants):
+        kinds = HEADER_KINDS if seed < n_header else DATA_KINDS
+        d, kind = variant(q, a.work / "v", seed, kinds)
+        for loader, ref in refs.items():
+            for verify in (True, False) if kinds is HEADER_KINDS and loader == "from_pretrained" else (True,):
+                signal.alarm(a.timeout)
+                try:
+                    res, detail = outcome(loader, d, verify, ref)
+                except Hang:
+                    res, detail = "hang", ""
+                finally:
+                    signal.alarm(0)
+                counts[(loader, "verified" if verify else "LLMQ_VERIFY=0", res)] += 1
+                by_kind[(kind, "verified" if verify else "LLMQ_VERIFY=0", res)] += 1
+                if res == "error":
+                    errors[error_kind(detail)] += 1
+                if res in ("crash", "hang") or (res == "different" and verify):
+                    bad.append({"seed": seed, "kind": kind, "loader": loader, "verify": verify, "result": res,
+                                "detail": detail})  # fmt: skip
+        if seed % 500 == 499:
+            print(f"{seed + 1} variants, {time.perf_counter() - t0:.0f}s: {dict(counts)}", flush=True)
+    secs = time.perf_counter() - t0
+    report(a, counts, by_kind, errors, bad, secs)
+    return 1 if bad else 0
+
+
+def error_kind(detail: str) -> str:
+    """The kind of a refusal, from its message."""
+    for key in ("checksum mismatch", "truncated or corrupted", "unreadable safetensors header", "missing from the "
+                "checkpoint", "unexpected tensor", "dtype", "shape", "format version", "missing tensor",
+                "needs a float tensor", "cannot read tensor"):  # fmt: skip
+        if key in detail:
+            return key
+    return detail[:60]
+
+
+def report(a, counts, by_kind, errors, bad, secs) -> None:
+    m = machine()
+    loads = sum(counts.values())
+    lines = ["# Fuzzing the loaders", "", machine_line(m), "",
+             f"{a.variants:,} mutated checkpoints (seeds 0..{a.variants - 1}; tests/fuzzing.py), {loads:,} loads in "
+             f"{secs:.0f} s: **{sum(1 for b in bad if b['result'] == 'crash')} crashes, "
+             f"{sum(1 for b in bad if b['result'] == 'hang')} hangs, "
+             f"{sum(1 for b in bad if b['result'] == 'different')} loads of different weights** with verification "
+             "on. `python benchmarks/fuzz.py`.", "",
+             "| loader | verification | refused (LlmqError) | loaded, equal | loaded, different | crash | hang |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for loader in ("load_quantized", "from_pretrained"):
+        for v in ("verified", "LLMQ_VERIFY=0"):
+            row = [counts[(loader, v, r)] for r in ("error", "equal", "different", "crash", "hang")]
+            if sum(row):
+                lines.append(f"| {loader} | {v} | " + " | ".join(f"{x:,}" for x in row) + " |")
+    lines += ["", "With LLMQ_VERIFY=0 the shard hashes are skipped; a header edit that points a tensor at other bytes "
+              "of the same dtype and shape (e.g. two norms' offsets swapped) is then indistinguishable from a real "
+              "checkpoint, which is what the checksums are for. Every other mutation is still refused there.", "",
+              "Refusals by kind (verification on and off):", "", "| error | count |", "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:,} |" for k, v in errors.most_common()]
+    lines += ["", "By mutation:", "", "| mutation | verification | result | count |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v} | {r} | {n:,} |" for (k, v, r), n in sorted(by_kind.items())]
+    payload = {"machine": m, "variants": a.variants, "seconds": secs,
+               "counts": {"/".join(k): v for k, v in counts.items()}, "errors": dict(errors),
+               "by_kind": {"/".join(k): v for k, v in by_kind.items()}, "bad": bad}  # fmt: skip
+    write_results("fuzz", payload, "\n".join(lines) + "\n")
+    print("\n".join(lines[:12]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

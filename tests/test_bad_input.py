@@ -1,0 +1,227 @@
+"""Bad input, one table: every case runs the CLI (or the Python loader) the way a user would and asserts the exit code,
+the one-line message, that no traceback reached the user, and that nothing was left behind (no new file or dir
+beside the inputs, for quantize and export: no OUT at all)."""
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SAMPLE_TEXT, make_tiny, make_tokenizer
+from safetensors.torch import load_file, save_file
+
+import llmq
+from llmq.cli import main
+from llmq.errors import LlmqError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model with a tokenizer, an llmq checkpoint of it (int4 g32 sym), a q4_0 checkpoint, texts, a record."""
+    w = tmp_path_factory.mktemp("bad")
+    src = w / "src"
+    make_tiny("llama", vocab=300).save_pretrained(src)
+    make_tokenizer(300).save_pretrained(src)
+    (w / "calib.txt").write_text(SAMPLE_TEXT)
+    (w / "empty.txt").write_text("")
+    (w / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (w / "latin1.txt").write_bytes("café ".encode("latin-1") * 100)
+    (w / "short.txt").write_text("too short")
+    assert main(["quantize", str(src), str(w / "q"), "--quiet", "--bits", "4", "--sym", "--group-size", "32"]) == 0
+    assert main(["quantize", str(src), str(w / "q40"), "--quiet", "--format", "q4_0"]) == 0
+    rec = {"label": "x", "perplexity": 10.0, "tokens_scored": 100, "kind": "fp", "method": "fp",
+           "dataset": {"sha256": "ab", "name": "t", "split": "test", "tokens": 10},
+           "protocol": {"seqlen": 8, "stride": 8}}  # fmt: skip
+    (w / "good.json").write_text(json.dumps(rec))
+    (w / "types.json").write_text(json.dumps(rec | {"perplexity": "10.0"}))
+    (w / "nested.json").write_text(json.dumps(rec | {"protocol": {"seqlen": "8", "stride": 8}}))
+    (w / "list.json").write_text("[1, 2]")
+    (w / "afile").write_text("x")
+    foreign = w / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    return w
+
+
+def damaged_copy(w: Path, name: str, edit) -> Path:
+    """A copy of the int4 checkpoint with `edit(dir)` applied."""
+    import shutil
+
+    d = w / name
+    if not d.exists():
+        shutil.copytree(w / "q", d)
+        edit(d)
+    return d
+
+
+def truncate(d):
+    s = next(d.glob("model-*.safetensors"))
+    s.write_bytes(s.read_bytes()[:200])
+
+
+def flip(d):
+    s = next(d.glob("model-*.safetensors"))
+    b = bytearray(s.read_bytes())
+    b[-50] ^= 0xFF
+    s.write_bytes(bytes(b))
+
+
+def bits_mismatch(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["scheme"]["bits"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def drop_norm(d):
+    """A checkpoint consistently written without its final norm (index and checksums updated)."""
+    from llmq.checkpoint import sha256_file
+
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    s = d / index["weight_map"].pop("model.norm.weight")
+    state = load_file(s)
+    state.pop("model.norm.weight")
+    save_file(state, s, metadata={"format": "pt", "llmq_format_version": "1"})
+    index["metadata"]["llmq_sha256"][s.name] = sha256_file(s)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+Q = ["quantize", "{src}", "{out}", "--quiet"]
+G = [*Q, "--method", "gptq", "--calib", "{w}/calib.txt", "--nsamples", "2", "--seqlen", "16"]
+C = [*Q, "--method", "gptq", "--nsamples", "2", "--seqlen", "16", "--calib"]  # + the calibration file
+# (id, argv, exit code, message regex); {src}, {out}, {w}, {q}, {q40} are filled in
+CASES = [
+    ("quantize: no such model", ["quantize", "{w}/nope", "{out}"], 2, r"nope"),
+    ("quantize: --bits 5", [*Q, "--bits", "5"], 2, r"bits=5 is not supported"),
+    ("quantize: --group-size 7", [*Q, "--group-size", "7"], 2, r"group_size=7 is not supported"),
+    ("quantize: --outliers 0.7", [*Q, "--outliers", "0.7"], 2, r"outliers=0.7 must be a fraction"),
+    ("quantize: q4_k with a group size", [*Q, "--format", "q4_k", "--group-size", "64"], 2, r"groups are 32 columns"),
+    ("quantize: q4_0 with double quant", [*Q, "--format", "q4_0", "--double-quant"], 2, r"double_quant does not"),
+    ("quantize: recipe and format", [*Q, "--gguf-recipe", "Q4_K_M", "--format", "nf4"], 2, r"leave out --format"),
+    ("quantize: recipe with mixed", [*G, "--gguf-recipe", "Q4_K_M", "--target-bpw", "4"], 2, r"cannot be combined"),
+    ("quantize: --max-shard-size 0", [*Q, "--max-shard-size", "0"], 2, r"--max-shard-size 0 bytes"),
+    ("quantize: --max-shard-size 2", [*Q, "--max-shard-size", "2"], 2, r"at least 1KB with its unit"),
+    ("quantize: --candidates alone", [*Q, "--candidates", "int4-g128"], 2, r"only used with --target-bpw"),
+    ("quantize: --target-bpw 0.5", [*G, "--target-bpw", "0.5"], 2, r"target_bpw=0.5"),
+    ("quantize: bad candidate", [*G, "--target-bpw", "4", "--candidates", "int4-g1x"], 2, r"not understood"),
+    ("quantize: --damp 0", [*G, "--damp", "0"], 2, r"damp=0"),
+    ("quantize: --nsamples 0", [*G[:-4], "--nsamples", "0", "--seqlen", "16"], 2, r"nsamples=0"),
+    ("quantize: --seqlen 1", [*G[:-2], "--seqlen", "1"], 2, r"seqlen=1"),
+    ("quantize: seqlen > positions", [*G[:-2], "--seqlen", "512"], 2, r"longer than the model's 256 positions"),
+    ("quantize: missing calib file", [*C, "{w}/none.txt"], 2, r"none.txt: no such file"),
+    ("quantize: empty calib file", [*C, "{w}/empty.txt"], 2, r"the file is empty"),
+    ("quantize: binary calib file", [*C, "{w}/binary.txt"], 2, r"a binary file"),
+    ("quantize: latin-1 calib file", [*C, "{w}/latin1.txt"], 2, r"not UTF-8 text"),
+    ("quantize: calib too short", [*Q, "--method", "gptq", "--calib", "{w}/short.txt", "--nsamples", "4", "--seqlen",
+                                   "64"], 2, r"fewer than nsamples"),  # fmt: skip
+    ("quantize: cuda without CUDA", [*Q, "--device", "cuda"], 2, r"CUDA is not available"),
+    ("quantize: foreign OUT", ["quantize", "{src}", "{w}/foreign"], 2, r"not an llmq output; choose another"),
+    ("quantize: OUT is a file", ["quantize", "{src}", "{w}/afile"], 2, r"not a directory"),
+    ("eval: --max-windows 0", ["eval", "{q}", "--max-windows", "0"], 2, r"--max-windows 0"),
+    ("eval: --stride 0", ["eval", "{q}", "--stride", "0"], 2, r"--stride 0"),
+    ("eval: --seqlen 0", ["eval", "{q}", "--seqlen", "0"], 2, r"--seqlen 0"),
+    ("eval: --batch-size 0", ["eval", "{q}", "--batch-size", "0"], 2, r"--batch-size 0"),
+    ("eval: cuda without CUDA", ["eval", "{q}", "--device", "cuda"], 2, r"CUDA is not available"),
+    ("eval: --json in a missing dir", ["eval", "{q}", "--json", "{w}/nodir/r.json"], 2, r"does not exist"),
+    ("eval: --json is a dir", ["eval", "{q}", "--json", "{w}"], 2, r"is a directory"),
+    ("eval: binary dataset", ["eval", "{q}", "--dataset", "{w}/binary.txt"], 2, r"a binary file"),
+    ("eval: seqlen > positions", ["eval", "{q}", "--dataset", "{w}/calib.txt", "--seqlen", "512"], 2,
+     r"longer than the model's 256 positions"),
+    ("eval: missing dataset", ["eval", "{q}", "--dataset", "{w}/none.txt"], 2, r"no such file"),
+    ("eval: truncated shard", ["eval", "{trunc}", "--dataset", "{w}/calib.txt"], 2, r"truncated or corrupted"),
+    ("inspect: truncated shard", ["inspect", "{trunc}"], 2, r"truncated or corrupted"),
+    ("inspect: flipped byte", ["inspect", "{flip}"], 2, r"checksum mismatch"),
+    ("inspect: bits mismatch", ["inspect", "{bits}"], 2, r"qweight: shape"),
+    ("inspect: not a dir", ["inspect", "{w}/afile"], 2, r"no such directory"),
+    ("report: wrong field type", ["report", "{w}/types.json", "--out", "{w}/rep"], 2, r"'perplexity' is str"),
+    ("report: wrong nested type", ["report", "{w}/nested.json", "--out", "{w}/rep"], 2, r"'protocol.seqlen' is str"),
+    ("report: not a record", ["report", "{w}/list.json", "--out", "{w}/rep"], 2, r"no 'perplexity' field"),
+    ("report: --out is a file", ["report", "{w}/good.json", "--out", "{w}/afile"], 2, r"is a file"),
+    ("export: int4 sym g32 is Q4_0 (accepted)", ["export", "{q}", "{w}/x.gguf", "--to", "gguf"], 0, None),
+    ("export: q4_0 to compressed-tensors", ["export", "{q40}", "{w}/ct", "--to", "compressed-tensors"], 2,
+     r"llama.cpp's q4_0 blocks; export it with --to gguf"),
+    ("export: gguf dest exists", ["export", "{q40}", "{w}/afile", "--to", "gguf"], 2, r"pass --overwrite"),
+    ("export: flipped byte", ["export", "{flip}", "{w}/y.gguf", "--to", "gguf"], 2, r"checksum mismatch"),
+    ("export: bad embedding type", ["export", "{q40}", "{w}/z.gguf", "--to", "gguf", "--gguf-embedding-type",
+                                    "q9_9"], 2, r"invalid choice"),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(world, tmp_path, capsys, case):
+    _, argv, code, msg = case
+    w = world
+    paths = {"src": w / "src", "out": tmp_path / "out", "w": w, "q": w / "q", "q40": w / "q40",
+             "trunc": damaged_copy(w, "trunc", truncate), "flip": damaged_copy(w, "flip", flip),
+             "bits": damaged_copy(w, "bits", bits_mismatch)}  # fmt: skip
+    argv = [a.format(**paths) for a in argv]
+    before = sorted(p for p in w.rglob("*"))
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors: usage + one line, exit 2
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == code, err[-2000:]
+    assert "Traceback" not in err
+    if msg is not None:
+        lines = [x for x in err.splitlines() if x.startswith(("llmq: error:", "llmq ", "usage:")) or "error:" in x]
+        assert lines and __import__("re").search(msg, lines[-1]), err[-2000:]
+    if code != 0:
+        after = sorted(p for p in w.rglob("*"))
+        new = [p for p in after if p not in before and p.name not in ("trunc", "flip", "bits")]
+        assert new == [] and not (tmp_path / "out").exists(), new
+
+
+@pytest.mark.parametrize("loader", ["load_quantized", "from_pretrained"])
+@pytest.mark.parametrize("damage, msg", [(truncate, "truncated or corrupted"), (flip, "checksum mismatch"),
+                                         (bits_mismatch, "qweight: shape"), (drop_norm, "model.norm.weight")])
+def test_every_loader_refuses_damage(world, loader, damage, msg):
+    from transformers import AutoModelForCausalLM
+
+    d = damaged_copy(world, f"{loader}-{damage.__name__}", damage)
+    with pytest.raises(LlmqError, match=msg):
+        llmq.load_quantized(d) if loader == "load_quantized" else AutoModelForCausalLM.from_pretrained(d)
+
+
+def test_interrupted_dir_names_the_resume(world, tmp_path):
+    d = tmp_path / "half"
+    d.mkdir()
+    (d / "llmq_progress.json").write_text("{}")
+    with pytest.raises(LlmqError, match="interrupted conversion"):
+        llmq.load_quantized(d)
+
+
+def test_disk_full_is_one_line_with_the_resume_hint(world, tmp_path, capsys, monkeypatch):
+    """No space left on device after the first layer: one error line saying how to resume, no traceback, the finished
+    layer kept, nothing that looks complete."""
+    import errno
+
+    from llmq import checkpoint
+
+    real, calls = checkpoint.atomic_save_tensors, []
+
+    def full(path, tensors, metadata=checkpoint.SHARD_METADATA):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint, "atomic_save_tensors", full)
+    out = tmp_path / "out"
+    rc = main(["quantize", str(world / "src"), str(out), "--quiet", "--bits", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "no space left on device" in err and "rerun the same command to resume" in err
+    assert not (out / "config.json").exists() and (out / "llmq_progress.json").is_file()
+
+
+def test_bad_calibration_fails_before_the_model_loads(world, tmp_path, monkeypatch, capsys):
+    """A bad --calib is reported before the model is loaded (on this path a .gguf source loads whole: minutes for a
+    big model)."""
+    from llmq import convert
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(convert, "LazyModel", never)
+    for bad in ("none.txt", "empty.txt", "binary.txt"):
+        rc = main(["quantize", str(world / "src"), str(tmp_path / "o"), "--method", "gptq", "--seqlen", "16",
+                   "--calib", str(world / bad)])  # fmt: skip
+        assert rc == 2 and "Traceback" not in capsys.readouterr().err
