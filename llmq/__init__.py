@@ -3,15 +3,15 @@
 `import llmq` registers quant_method "llmq" with transformers (llmq/hf.py), so that `from_pretrained` loads llmq
 checkpoints and `LlmqConfig` quantizes at load time.
 """
+from .version import __version__
 from .config import CalibConfig, GPTQConfig, MixedConfig, QuantPlan, QuantScheme, RowSplit
 from .errors import LlmqError
-from .exporters import export
+from .qtensor import QuantizedWeight, RowSplitWeight
 from .hf import LlmqConfig, compile_decoding
 from .modeling import fake_quantize, load_quantized, save_quantized
 from .nn import set_backend
 from .pipeline import quantize
-from .qtensor import QuantizedWeight, RowSplitWeight
-from .version import __version__
+from .exporters import export
 
 __all__ = ["__version__", "LlmqConfig", "QuantScheme", "GPTQConfig", "CalibConfig", "MixedConfig", "QuantPlan",
            "RowSplit", "QuantizedWeight", "RowSplitWeight", "LlmqError", "load_quantized", "save_quantized",

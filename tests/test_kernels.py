@@ -14,15 +14,13 @@ if not CUDA:
 
 triton = pytest.importorskip("triton")
 
+from llmq.algorithms.gptq import gptq  # noqa: E402
+from llmq.algorithms.rtn import rtn  # noqa: E402
+from llmq.config import GPTQConfig, QuantScheme  # noqa: E402
+from llmq.backends.triton import matmul as triton_matmul, why_not as triton_why_not  # noqa: E402
 from llmq.kernels import layout  # noqa: E402
 from llmq.kernels.gemm import gemm  # noqa: E402
 from llmq.kernels.skinny import skinny  # noqa: E402
-
-from llmq.algorithms.gptq import gptq  # noqa: E402
-from llmq.algorithms.rtn import rtn  # noqa: E402
-from llmq.backends.triton import matmul as triton_matmul  # noqa: E402
-from llmq.backends.triton import why_not as triton_why_not
-from llmq.config import GPTQConfig, QuantScheme  # noqa: E402
 from llmq.nn import QuantLinear  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
