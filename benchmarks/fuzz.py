@@ -88,12 +88,16 @@ def main() -> int:
 
 def error_kind(detail: str) -> str:
     """The kind of a refusal, from its message."""
-    for key in ("checksum mismatch", "truncated or corrupted", "unreadable safetensors header", "missing from the "
-                "checkpoint", "unexpected tensor", "dtype", "shape", "format version", "missing tensor",
-                "needs a float tensor", "cannot read tensor"):  # fmt: skip
+    kinds = {"checksum mismatch": "shard checksum mismatch", "unreadable safetensors": "unreadable safetensors file",
+             "config.json says": "full-precision tensor: dtype or shape differs from config.json",
+             "missing tensor": "quantized part missing", "missing from the checkpoint": "tensor missing",
+             "unexpected tensor": "unexpected tensor", ": dtype": "quantized part: wrong dtype",
+             ": shape": "quantized part: wrong shape", "format version": "format version", "outlier_": "outlier "
+             "index out of range", ".perm:": "not a permutation", "cannot read tensor": "tensor data unreadable"}  # fmt: skip
+    for key, kind in kinds.items():
         if key in detail:
-            return key
-    return detail[:60]
+            return kind
+    return detail[:80]
 
 
 def report(a, counts, by_kind, errors, bad, secs) -> None:

@@ -2,8 +2,8 @@
 
 Writing is atomic at every step: each file goes to a temp name in the output dir, is fsynced and renamed.
 Shards are written as they fill (`llmq-part-NNNNN.safetensors`), renamed to their final
-`model-NNNNN-of-NNNNN.safetensors` names at the end, then the index and, last of all, `config.json`:
-a dir without `config.json` is visibly incomplete, and readers refuse it. What config.json's
+`model-NNNNN-of-NNNNN.safetensors` names at the end, then the index and, last of all, `config.json` (replacing the
+placeholder a conversion keeps there meanwhile, llmq/record.py): until then every reader refuses the dir. What config.json's
 `quantization_config` says is llmq/record.py's; which tensors a quantized module stores is llmq/codec.py's.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """`llmq quantize`: source model -> quantized checkpoint dir, streamed layer by layer, resumable.
 
 A `ConvertRequest` says what to do (the CLI builds one from its flags; Python callers build it directly). Flow:
-open the source lazily (lazy.py) -> [calibration windows; mixed precision: the plan (mixed.py); GPTQ: capture
+check the arguments and read the calibration text -> a placeholder config.json that refuses to load -> open the
+source lazily (lazy.py) -> [calibration windows; mixed precision: the plan (mixed.py); GPTQ: capture
 layer-0 inputs] -> for each decoder layer: read it, quantize it, write its tensors to a part file, record it in
 the manifest (progress.py), release it -> write the embeddings / norm / head -> summary.json, model card -> index
 -> config.json (last). A failure keeps the finished layers: rerunning the same request resumes; nothing is ever
@@ -42,7 +43,8 @@ from .pipeline import (
     start_activations,
 )
 from .progress import Progress
-from .record import CheckpointRecord, ModuleRecord
+from . import record
+from .record import CheckpointRecord, ModuleRecord, placeholder_config
 from .summary import human_bytes, machine, model_card, peak_rss_mb, versions
 from .version import __version__
 
@@ -128,6 +130,8 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
     prog = Progress.open(out, req.fingerprint_args(src), req.overwrite)
     t0 = time.perf_counter()
     try:
+        # until the real config.json replaces it (last), the dir refuses to load, saying why, in every loader
+        atomic_write_json(out / "config.json", placeholder_config(config.to_dict()))
         # the calibration text (exists, decodes, long enough) before the model loads (a .gguf loads whole: minutes)
         text = load_text(req.calib.source, req.calib.split) if req.calib is not None else None
         tokenizer, why = sources.load_tokenizer(src)
@@ -298,7 +302,12 @@ def _on_failure(out: Path, prog: Progress, e: BaseException) -> None:
             for p in out.iterdir():
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return
-    (out / "config.json").unlink(missing_ok=True)  # never look complete
+    done = record.complete_config(out)
+    if done is not None:  # never look complete
+        try:
+            atomic_write_json(out / "config.json", placeholder_config(done))
+        except OSError:  # e.g. the disk is full: no config.json at all is incomplete too
+            (out / "config.json").unlink(missing_ok=True)
     log.warning("llmq: %d finished layer(s) kept in %s; rerun the same command to resume", len(prog.layers), out)
     if isinstance(e, OSError) and e.errno == 28:
         raise LlmqError(f"{out}: no space left on device; free space, then rerun the same command to resume") from None

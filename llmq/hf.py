@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -34,10 +35,13 @@ from .algorithms.rtn import rtn
 from .archs import arch_for, quantizable_names, weight_of
 from .checkpoint import SHARD_METADATA, CheckpointReader, tensor_headers
 from .config import QuantPlan, QuantScheme
+from .dtypes import DTYPES
 from .errors import LlmqError
 from .pipeline import check_finite
+from .qtensor import QuantizedWeight
 from .recipes import resolve_shapes
-from .record import HEADER_KEYS, QUANT_METHOD, CheckpointRecord, ModuleRecord, WeightRecord, describes_checkpoint
+from .record import (HEADER_KEYS, INTERRUPTED_MESSAGE, QUANT_METHOD, CheckpointRecord, ModuleRecord, WeightRecord,
+                     describes_checkpoint, is_placeholder)
 
 log = logging.getLogger("llmq")
 SCHEME_KEYS = tuple(f.name for f in dataclasses.fields(QuantScheme))
@@ -61,6 +65,8 @@ class LlmqConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.backend = backend
         self.modules_to_not_convert = modules_to_not_convert
+        if is_placeholder(kwargs):  # config.json of a conversion that has not finished
+            raise LlmqError(INTERRUPTED_MESSAGE)
         self.pre = describes_checkpoint(kwargs)  # the dict read from a checkpoint's config.json
         if self.pre:
             self.record = CheckpointRecord.from_config({**kwargs, "method": method, "quant_method": QUANT_METHOD})
@@ -211,7 +217,12 @@ class LlmqHfQuantizer(HfQuantizer):
             if missing:
                 raise LlmqError(f"{name}: missing tensor(s) {', '.join(name + '.' + k for k in missing)}; re-copy or "
                                 "re-quantize the model")  # fmt: skip
-            mod.quantized_weight().validate(name)
+            qw = mod.quantized_weight()
+            qw.validate(name)
+            pieces = [(name, qw)] if isinstance(qw, QuantizedWeight) else \
+                [(f"{name}.pieces.{k}", p) for k, p in enumerate(qw.pieces)]  # fmt: skip
+            for where, piece in pieces:
+                piece.check_values(where)
             mod.prepare(name)
         if not self.pre_quantized:
             self.quantization_config.record = self._record(model)
@@ -257,11 +268,23 @@ def check_checkpoint(model, record: CheckpointRecord, files: list[Path]) -> None
     if unexpected:
         raise LlmqError(f"{where}: unexpected tensor(s) {unexpected[:5]}; the checkpoint does not match config.json")
     state = model.state_dict()
-    for k in sorted(needed & set(headers)):  # the full-precision tensors: a float of the model's shape
+    stored = _stored_dtype(where)
+    for k in sorted(needed & set(headers)):  # the full-precision tensors: the model's shape, config.json's dtype
         dtype, shape = headers[k][0], headers[k][1]
-        if dtype is None or not dtype.is_floating_point or tuple(shape) != tuple(state[k].shape):
-            raise LlmqError(f"{where}: tensor {k} is {dtype} {list(shape)}, the model built from config.json needs a "
-                            f"float tensor of shape {list(state[k].shape)}")  # fmt: skip
+        ok = dtype is not None and dtype.is_floating_point and (stored is None or dtype == stored)
+        if not ok or tuple(shape) != tuple(state[k].shape):
+            want = str(stored or "a float dtype").removeprefix("torch.")
+            raise LlmqError(f"{where}: tensor {k} is {str(dtype).removeprefix('torch.')} {list(shape)}; config.json "
+                            f"says {want} {list(state[k].shape)}")  # fmt: skip
+
+
+def _stored_dtype(d: Path) -> torch.dtype | None:
+    """The storage dtype of the full-precision tensors, as config.json records it (llmq writes `dtype`)."""
+    try:
+        name = json.loads((d / "config.json").read_text()).get("dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return DTYPES.get(name) if isinstance(name, str) else None
 
 
 def compile_decoding(model, max_cache_len: int = 2048, mode: str | None = None):

@@ -142,6 +142,23 @@ class QuantizedWeight:
         found = {k: (t.dtype, tuple(t.shape)) for k, t in self.parts.items()}
         check_parts(name, layout, found, f"for {self.scheme.describe()} weight {self.shape}")
 
+    def check_values(self, name: str) -> None:
+        """The parts whose values index something hold valid indices: the outliers' CSR (row pointers from 0 to nnz,
+        non-decreasing; columns inside the row) and `perm` (a permutation of the columns). Run once data is loaded;
+        a damaged index would otherwise read out of bounds, or silently elsewhere."""
+        R, C = self.shape
+        if "outlier_crow" in self.parts:
+            crow, col = self.parts["outlier_crow"].long(), self.parts["outlier_col"].long()
+            nnz = col.numel()
+            if crow[0] != 0 or crow[-1] != nnz or bool((crow[1:] < crow[:-1]).any()):
+                raise LlmqError(f"{name}.outlier_crow: not row pointers from 0 to {nnz} (the checkpoint is damaged)")
+            if nnz and (col.min() < 0 or col.max() >= C):
+                raise LlmqError(f"{name}.outlier_col: columns outside 0..{C - 1} (the checkpoint is damaged)")
+        if "perm" in self.parts:
+            p = self.parts["perm"].long()
+            if not torch.equal(torch.sort(p).values, torch.arange(C)):
+                raise LlmqError(f"{name}.perm: not a permutation of the {C} columns (the checkpoint is damaged)")
+
     # ---- reading ------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         if self.scheme.block is not None:

@@ -247,6 +247,32 @@ def without_record(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "quantization_config"}
 
 
+INTERRUPTED = "interrupted"  # the key of a placeholder config.json's quantization_config
+INTERRUPTED_MESSAGE = "an interrupted conversion, not a complete llmq checkpoint: rerun the same `llmq quantize` " \
+    "command to resume it"  # fmt: skip
+
+
+def placeholder_config(model_config: dict) -> dict:
+    """The config.json an output dir holds while a conversion runs (and after it fails): the model's type, so that
+    transformers reaches llmq's quantizer, and a quantization_config that refuses to load, saying why. The real
+    config.json replaces it last (checkpoint.CheckpointWriter.finish)."""
+    keep = {k: model_config[k] for k in ("model_type", "architectures") if model_config.get(k)}
+    return keep | {"quantization_config": {"quant_method": QUANT_METHOD, INTERRUPTED: True}}
+
+
+def is_placeholder(qc) -> bool:
+    return isinstance(qc, dict) and qc.get(INTERRUPTED) is True
+
+
+def complete_config(out: Path) -> dict | None:
+    """config.json of `out` when it is a finished conversion's (readable, not the placeholder); else None."""
+    try:
+        cfg = json.loads((Path(out) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) and not is_placeholder(cfg.get("quantization_config")) else None
+
+
 def read(d: Path) -> tuple[dict, CheckpointRecord]:
     """(config.json as a dict, the checkpoint's record) of an llmq checkpoint dir."""
     d = Path(d)
@@ -254,12 +280,14 @@ def read(d: Path) -> tuple[dict, CheckpointRecord]:
         raise LlmqError(f"{d}: no such directory")
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
-        hint = " (an interrupted conversion: rerun `llmq quantize`)" if is_llmq_dir(d) else ""
-        raise LlmqError(f"{d}: no config.json; not a complete llmq checkpoint{hint}")
+        raise LlmqError(f"{d}: no config.json; " + (INTERRUPTED_MESSAGE if is_llmq_dir(d) else
+                                                     "not a complete llmq checkpoint"))  # fmt: skip
     try:
         config = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise LlmqError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise LlmqError(f"{cfg_path}: not a JSON object")
+    if is_placeholder(config.get("quantization_config")):
+        raise LlmqError(f"{d}: {INTERRUPTED_MESSAGE}")
     return config, CheckpointRecord.from_config(config.get("quantization_config"), str(d))

@@ -30,6 +30,16 @@ TINY = {
 }  # fmt: skip
 
 
+def incomplete(d: Path) -> bool:
+    """An interrupted conversion's dir: its config.json is the placeholder that refuses to load (or there is none)."""
+    import json
+
+    from llmq.record import is_placeholder
+
+    cfg = Path(d) / "config.json"
+    return not cfg.is_file() or is_placeholder(json.loads(cfg.read_text()).get("quantization_config"))
+
+
 def quantize_killed_after(layer: int, *argv) -> subprocess.CompletedProcess:
     """Run `llmq quantize *argv` in a process that is SIGKILLed right after decoder layer `layer` is recorded."""
     cmd = [sys.executable, str(REPO / "tests" / "crashing_quantize.py"), str(layer), *map(str, argv)]

@@ -139,7 +139,7 @@ def outcome(loader: str, d: Path, verify: bool, reference: dict[str, torch.Tenso
     try:
         m = load(loader, d, verify)
     except LlmqError as e:
-        return "error", str(e).split(";")[0][-120:]
+        return "error", str(e)[:300]
     except Exception as e:  # noqa: BLE001 -- anything else is what the fuzzer is looking for
         return "crash", f"{type(e).__name__}: {str(e)[:200]}"
     got = state(m)

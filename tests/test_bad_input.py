@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_TEXT, make_tiny, make_tokenizer
+from conftest import SAMPLE_TEXT, incomplete, make_tiny, make_tokenizer
 from safetensors.torch import load_file, save_file
 
 import llmq
@@ -180,12 +180,24 @@ def test_every_loader_refuses_damage(world, loader, damage, msg):
         llmq.load_quantized(d) if loader == "load_quantized" else AutoModelForCausalLM.from_pretrained(d)
 
 
-def test_interrupted_dir_names_the_resume(world, tmp_path):
+@pytest.mark.parametrize("loader", ["load_quantized", "from_pretrained", "inspect", "eval", "export"])
+def test_interrupted_dir_says_rerun_in_every_reader(world, tmp_path, capsys, loader):
+    """A conversion killed after its first layer: every reader says it is an interrupted conversion to resume."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import quantize_killed_after
+
     d = tmp_path / "half"
-    d.mkdir()
-    (d / "llmq_progress.json").write_text("{}")
-    with pytest.raises(LlmqError, match="interrupted conversion"):
-        llmq.load_quantized(d)
+    r = quantize_killed_after(0, world / "src", d, "--quiet", "--bits", "4")
+    assert r.returncode != 0 and incomplete(d)
+    want = "an interrupted conversion, not a complete llmq checkpoint: rerun the same `llmq quantize`"
+    if loader in ("load_quantized", "from_pretrained"):
+        with pytest.raises(LlmqError, match=want):
+            llmq.load_quantized(d) if loader == "load_quantized" else AutoModelForCausalLM.from_pretrained(d)
+        return
+    argv = {"inspect": ["inspect", str(d)], "eval": ["eval", str(d), "--dataset", str(world / "calib.txt")],
+            "export": ["export", str(d), str(tmp_path / "x.gguf"), "--to", "gguf"]}[loader]  # fmt: skip
+    assert main(argv) == 2 and want in capsys.readouterr().err
 
 
 def test_disk_full_is_one_line_with_the_resume_hint(world, tmp_path, capsys, monkeypatch):
@@ -209,7 +221,7 @@ def test_disk_full_is_one_line_with_the_resume_hint(world, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "no space left on device" in err and "rerun the same command to resume" in err
-    assert not (out / "config.json").exists() and (out / "llmq_progress.json").is_file()
+    assert incomplete(out) and (out / "llmq_progress.json").is_file()
 
 
 def test_bad_calibration_fails_before_the_model_loads(world, tmp_path, monkeypatch, capsys):

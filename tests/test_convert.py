@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny, make_tokenizer, quantize_killed_after
+from conftest import incomplete, make_tiny, make_tokenizer, quantize_killed_after
 from safetensors.torch import load_file, save_file
 
 import llmq
@@ -47,7 +47,7 @@ def test_kill9_then_resume_is_bit_identical(src4, sample_text, tmp_path, method)
     a, b = tmp_path / "interrupted", tmp_path / "straight"
     r = quantize_killed_after(1, src4, a, "--quiet", *args)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    assert not (a / "config.json").exists()  # never looks complete
+    assert incomplete(a)  # never looks complete
     progress = json.loads((a / "llmq_progress.json").read_text())
     assert sorted(progress["layers"]) == ["0", "1"]
     with pytest.raises(LlmqError, match="interrupted conversion"):
@@ -89,7 +89,7 @@ def test_nan_weights_name_the_tensor(src4, tmp_path, capsys):
     assert main(["quantize", str(src4), str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "model.layers.2.mlp.down_proj.weight has 1 NaN/Inf value(s)" in err
-    assert not (out / "config.json").exists()
+    assert incomplete(out)
 
 
 def test_shard_missing_from_source(src4, tmp_path, capsys):
