@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ sys.path.insert(0, str(HERE))
 from common import default_model, machine, write_results  # noqa: E402
 
 MIXES = ("Q4_0", "Q8_0", "Q4_K_M", "Q3_K_M")
+ROUNDS = 3
 N_CTX = 2048
 
 
@@ -121,14 +123,14 @@ def perplexity(bin_: Path, model: Path, work: Path, chunks: int, threads: int) -
     return {"ppl": float(m.group(1)), "ppl_err": float(m.group(2))}
 
 
-def bench(bin_: Path, model: Path, work: Path, threads: int) -> float:
-    log = work / f"{model.stem}.bench.json"
+def bench(bin_: Path, model: Path, work: Path, threads: int, rnd: int) -> float:
+    """Decode tokens/s of one `llama-bench -p 0 -n 128 -r 5` run (round `rnd`)."""
+    log = work / f"{model.stem}.bench{rnd}.json"
     if not log.is_file():
         out = sh([bin_ / "llama-bench", "-m", model, "-t", threads, "-p", 0, "-n", 128, "-r", 5, "-o", "json"],
                  threads)  # fmt: skip
         log.write_text(out[out.index("[") :])
-    rows = json.loads(log.read_text())
-    return float(rows[0]["avg_ts"])
+    return float(json.loads(log.read_text())[0]["avg_ts"])
 
 
 def llmq_gguf(a, mix: str, work: Path) -> tuple[Path, dict]:
@@ -185,6 +187,8 @@ def main() -> None:
     p.add_argument("--eval-chunks", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-bench", action="store_true", help="stop before the decode-speed runs (and the report)")
+    p.add_argument("--alone", nargs="*", default=list(MIXES), metavar="MIX",
+                   help="mixes whose llmq conversion ran alone on the machine (their times are reported)")
     a = p.parse_args()
     a.model = a.model or default_model()
     work, bin_ = a.work, a.llama_cpp
@@ -215,8 +219,13 @@ def main() -> None:
     agree = agreement(a, bin_, a.mixes[0], work, work / f"llmq-{a.mixes[0]}.gguf")
     if a.no_bench:
         return
-    for r in rows:  # decode speed last, all together (nothing else should run meanwhile)
-        r["decode_tok_s"] = bench(bin_, r["path"], work, a.threads)
+    # decode speed last, nothing else running: ROUNDS passes over all files in turn (so that drift in the machine's
+    # speed hits every file alike), the median of each file's runs
+    for rnd in range(ROUNDS):
+        for r in rows:
+            r.setdefault("decode_runs", []).append(bench(bin_, r["path"], work, a.threads, rnd))
+    for r in rows:
+        r["decode_tok_s"] = statistics.median(r["decode_runs"])
     for r in rows:
         if r["method"] == "llmq GPTQ":
             ref = next(x for x in rows if x["mix"] == r["mix"] and x["method"] == "llama-quantize + imatrix")
@@ -234,6 +243,14 @@ def bpw(r: dict) -> float:
     return 8 * r["file_bytes"] / n
 
 
+def conversion_times(a, rows: list[dict]) -> str:
+    alone = [f"{r['mix']} {r['quantize_s']:.0f} s" for r in rows if "quantize_s" in r and r["mix"] in a.alone]
+    rest = [r["mix"] for r in rows if "quantize_s" in r and r["mix"] not in a.alone]
+    return (f"llmq's GPTQ conversion ({a.threads} threads, alone on the machine): {', '.join(alone) or '-'}"
+            + (f"; {', '.join(rest)} ran beside other work (their times, in gguf.json, are not comparable)." if rest
+               else "."))
+
+
 def report(a, rows: list[dict], agree: dict, work: Path) -> None:
     imat_s = float((work / "imatrix.time").read_text())
     for r in rows:
@@ -248,14 +265,16 @@ def report(a, rows: list[dict], agree: dict, work: Path) -> None:
         f"same text for llama-imatrix ({imat_s:.0f} s) and for llmq's GPTQ (`--gptq-inputs fp --clip-search`). "
         "The full-precision model is SmolLM2's GGUF dequantized to F32 (its weights are Q4_1 and its embeddings Q8_0 "
         "as shipped). Every llmq file has the same tensor type in every tensor as llama-quantize's (checked), so "
-        "the same size and the same kernels.", "",
-        "| mix | method | perplexity | file MiB | bits/weight (file) | decode tok/s | quantize s |",
-        "|---|---|---|---|---|---|---|"]  # fmt: skip
+        "the same size and the same kernels. Decode: `llama-bench -p 0 -n 128 -r 5`, "
+        f"{ROUNDS} rounds over all files in turn, median (each round's value in brackets). {conversion_times(a, rows)}",
+        "",
+        "| mix | method | perplexity | file MiB | bits/weight (file) | decode tok/s (runs) |",
+        "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        q = f"{r['quantize_s']:.0f}" if "quantize_s" in r else ""
+        runs = "/".join(f"{x:.0f}" for x in r["decode_runs"])
         lines.append(f"| {r['mix']} | {r['method']} | {r['ppl']:.4f} ± {r['ppl_err']:.4f} | "
-                     f"{r['file_bytes'] / 2**20:.2f} | {r['bits_per_weight_file']:.3f} | {r['decode_tok_s']:.1f} | "
-                     f"{q} |")  # fmt: skip
+                     f"{r['file_bytes'] / 2**20:.2f} | {r['bits_per_weight_file']:.3f} | {r['decode_tok_s']:.1f} "
+                     f"({runs}) |")  # fmt: skip
     lines += ["", "llmq vs llama-quantize + imatrix (same types in every tensor):", "",
               "| mix | llmq | llama-quantize + imatrix | llama-quantize | llmq lower | types equal |",
               "|---|---|---|---|---|---|"]  # fmt: skip

@@ -39,6 +39,18 @@ def draw_windows(tokens: torch.Tensor, cfg: CalibConfig) -> torch.Tensor:
     return torch.stack([tokens[s : s + cfg.seqlen] for s in starts.tolist()])
 
 
+def check_enough_text(text: str, cfg: CalibConfig) -> None:
+    """Before any tokenizer loads: a text of fewer bytes than nsamples × seqlen cannot hold that many tokens (a token
+    is at least one byte in byte-level BPE and SentencePiece alike)."""
+    lo, hi = cfg.token_range
+    n = int(len(text.encode("utf-8")) * (hi - lo))
+    if n < cfg.nsamples * cfg.seqlen:
+        part = f" in token_range {cfg.token_range}" if cfg.token_range != (0.0, 1.0) else ""
+        raise LlmqError(f"calibration text has {n:,} bytes{part}, fewer than the nsamples × seqlen = {cfg.nsamples} × "
+                        f"{cfg.seqlen} = {cfg.nsamples * cfg.seqlen:,} tokens asked; use a longer text, or lower "
+                        "--nsamples / --seqlen")  # fmt: skip
+
+
 def calibration_windows(cfg: CalibConfig, tokenizer, text: tuple[str, str] | None = None) -> torch.Tensor:
     """[nsamples, seqlen] int64 token windows for `cfg`; `text`: (text, where) when already read (load_text)."""
     if tokenizer is None:

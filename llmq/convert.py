@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import codec, recipes, sources
 from . import mixed as mixed_precision
 from .archs import arch_for, decoder_layers
-from .calibration import calibration_windows
+from .calibration import calibration_windows, check_enough_text
 from .checkpoint import DEFAULT_MAX_SHARD, CheckpointWriter, atomic_write_json, atomic_write_text
 from .config import CalibConfig, GPTQConfig, MixedConfig, QuantPlan, QuantScheme
 from .data import load_text
@@ -123,17 +123,21 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
     if req.device and req.device.startswith("cuda") and not torch.cuda.is_available():
         raise LlmqError(f"--device {req.device}: CUDA is not available on this machine; use --device cpu")
     src = sources.resolve(req.model)
+    # bad input first, before anything slow (a .gguf's config alone takes seconds, its model minutes): the calibration
+    # text (exists, decodes, not empty), the window length against the model's positions, then the architecture
+    _check_positions(req, sources.max_positions(src))
+    text = load_text(req.calib.source, req.calib.split) if req.calib is not None else None
+    if text is not None:
+        check_enough_text(text[0], req.calib)
     config = sources.load_config(src)
-    spec = arch_for(config)  # unsupported architecture: fail before any heavy work
-    _check_positions(req, config)
+    spec = arch_for(config)
+    _check_positions(req, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))
     out = req.out
     prog = Progress.open(out, req.fingerprint_args(src), req.overwrite)
     t0 = time.perf_counter()
     try:
         # until the real config.json replaces it (last), the dir refuses to load, saying why, in every loader
         atomic_write_json(out / "config.json", placeholder_config(config.to_dict()))
-        # the calibration text (exists, decodes, long enough) before the model loads (a .gguf loads whole: minutes)
-        text = load_text(req.calib.source, req.calib.split) if req.calib is not None else None
         tokenizer, why = sources.load_tokenizer(src)
         if tokenizer is None:
             log.warning("no tokenizer saved: %s", why)
@@ -182,8 +186,7 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
     return summary
 
 
-def _check_positions(req: ConvertRequest, config) -> None:
-    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+def _check_positions(req: ConvertRequest, n: int | None) -> None:
     if req.calib is not None and n is not None and req.calib.seqlen > n:
         raise LlmqError(f"--seqlen {req.calib.seqlen} is longer than the model's {n} positions "
                         f"(max_position_embeddings); use --seqlen {n} or less")  # fmt: skip

@@ -5,7 +5,9 @@ with a one-line message.
 """
 from __future__ import annotations
 
+import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,56 @@ def resolve(spec: str) -> Source:
     if looks_local or os.sep in spec and Path(spec.split(os.sep)[0]).exists():
         raise LlmqError(f"{spec}: no such file or directory; pass a model dir, a hub id or a .gguf file")
     return Source("hub", spec)
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def max_positions(src: Source) -> int | None:
+    """The model's maximum positions, cheaply (before the config is parsed: for a .gguf, transformers reads the whole
+    header, tokenizer included, which takes seconds): config.json's max_position_embeddings / n_positions, or the
+    GGUF's {arch}.context_length; None when not found this way."""
+    try:
+        if src.kind == "gguf":
+            return _gguf_context_length(Path(src.path, src.gguf_file))
+        cfg = json.loads((Path(src.path) / "config.json").read_text())
+        n = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        return int(n) if isinstance(n, int) else None
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    """{arch}.context_length from a GGUF header, read key by key until found (the tokenizer's arrays come later)."""
+    with open(path, "rb") as f:
+        def read(fmt):
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string():
+            return f.read(read("<Q")).decode()
+
+        def skip(t):
+            if t == 8:
+                f.seek(read("<Q"), 1)
+            elif t == 9:
+                et, n = read("<I"), read("<Q")
+                for _ in range(n) if et in (8, 9) else ():
+                    skip(et)
+                if et not in (8, 9):
+                    f.seek(n * struct.calcsize(_GGUF_SCALARS[et]), 1)
+            else:
+                f.seek(struct.calcsize(_GGUF_SCALARS[t]), 1)
+
+        if f.read(4) != b"GGUF":
+            return None
+        read("<I")
+        read("<Q")
+        for _ in range(read("<Q")):
+            key, t = string(), read("<I")
+            if key.endswith(".context_length") and t in _GGUF_SCALARS:
+                return int(read(_GGUF_SCALARS[t]))
+            skip(t)
+    return None
 
 
 def load_config(src: Source):
