@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
@@ -305,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     quiet = getattr(a, "quiet", False)
     logging.basicConfig(level=logging.INFO if not quiet else logging.WARNING, format="%(message)s")
-    if quiet:  # transformers' own bars too (e.g. de-quantizing a .gguf, loading weights)
+    if quiet:  # transformers' own bars too: loading weights, and de-quantizing a .gguf (a plain tqdm there)
         transformers.utils.logging.disable_progress_bar()
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
     try:
         return a.func(a)
     except LlmqError as e:

@@ -265,3 +265,17 @@ def test_gguf_source_bad_input_in_seconds_without_reading_the_model(world, tmp_p
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and "Traceback" not in err, err
         assert time.perf_counter() - t0 < 5 and not (tmp_path / "o").exists()
+
+
+def test_quiet_gguf_source_and_architectures_filled_in(world, tmp_path, capsys):
+    """--quiet silences transformers' GGUF de-quantizing bar too; a source whose config has no `architectures`
+    (as transformers' GGUF loader leaves it) gets its causal-LM class in the written config.json."""
+    gguf_file = tmp_path / "tiny.gguf"
+    assert main(["quantize", str(world / "src"), str(tmp_path / "q8"), "--quiet", "--format", "q8_0"]) == 0
+    assert main(["export", str(tmp_path / "q8"), str(gguf_file), "--to", "gguf", "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "from-gguf"
+    assert main(["quantize", str(gguf_file), str(out), "--quiet", "--bits", "4", "--group-size", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "de-quantizing" not in err and "it/s" not in err, err[-500:]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
