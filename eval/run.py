@@ -66,20 +66,12 @@ def check_args(a) -> None:
             raise LlmqError(f"--json {a.json}: is a directory; give a file name, e.g. {Path(a.json) / 'result.json'}")
 
 
-def check_positions(model, seqlen: int) -> None:
-    """A window longer than the model's positions gives nonsense (or an index error): refuse it."""
-    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if n is not None and seqlen > n:
-        raise LlmqError(f"--seqlen {seqlen} is longer than the model's {n} positions (max_position_embeddings); "
-                        f"use --seqlen {n} or less")  # fmt: skip
-
-
 def evaluate(a) -> dict:
     check_args(a)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     text, where = load_text(a.dataset, a.split)  # a bad dataset fails before the model loads
     model, tok, facts = open_model(a.model, device, DTYPES.get(a.dtype) if a.dtype else None)
-    check_positions(model, a.seqlen)
+    sources.check_seqlen(a.seqlen, sources.config_positions(model.config))
     tokens = tokenize_text(tok, text)
     r = perplexity(model, tokens, a.seqlen, a.stride, a.max_windows, a.batch_size, device, quiet=a.quiet)
     record = {

@@ -43,8 +43,7 @@ from .pipeline import (
     start_activations,
 )
 from .progress import Progress
-from . import record
-from .record import CheckpointRecord, ModuleRecord, placeholder_config
+from .record import CheckpointRecord, ModuleRecord, complete_config, placeholder_config
 from .summary import human_bytes, machine, model_card, peak_rss_mb, versions
 from .version import __version__
 
@@ -125,13 +124,15 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
     src = sources.resolve(req.model)
     # bad input first, before anything slow (a .gguf's config alone takes seconds, its model minutes): the calibration
     # text (exists, decodes, not empty), the window length against the model's positions, then the architecture
-    _check_positions(req, sources.max_positions(src))
+    if req.calib is not None:
+        sources.check_seqlen(req.calib.seqlen, sources.max_positions(src))
     text = load_text(req.calib.source, req.calib.split) if req.calib is not None else None
     if text is not None:
         check_enough_text(text[0], req.calib)
     config = sources.load_config(src)
     spec = arch_for(config)
-    _check_positions(req, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))
+    if req.calib is not None:
+        sources.check_seqlen(req.calib.seqlen, sources.config_positions(config))
     out = req.out
     prog = Progress.open(out, req.fingerprint_args(src), req.overwrite)
     t0 = time.perf_counter()
@@ -186,12 +187,6 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
     return summary
 
 
-def _check_positions(req: ConvertRequest, n: int | None) -> None:
-    if req.calib is not None and n is not None and req.calib.seqlen > n:
-        raise LlmqError(f"--seqlen {req.calib.seqlen} is longer than the model's {n} positions "
-                        f"(max_position_embeddings); use --seqlen {n} or less")  # fmt: skip
-
-
 def _prepare(req: ConvertRequest, lazy: LazyModel, calib):
     """Before the layer loop: (plan, mixed-precision allocation or None, GPTQ activations or None)."""
     plan, alloc, acts = QuantPlan(req.scheme), None, None
@@ -201,14 +196,14 @@ def _prepare(req: ConvertRequest, lazy: LazyModel, calib):
         base = {"clip_search": req.scheme.clip_search, "scale_dtype": req.scheme.scale_dtype, "sym": req.scheme.sym}
         plan, alloc = mixed_precision.conversion_plan(lazy, calib, req.mixed, base, req.method, req.gptq, req.out,
                                                       req.quiet)  # fmt: skip
+    shapes = linear_shapes(lazy.model)
     if req.gguf_recipe:
-        n = len(decoder_layers(lazy.model, lazy.spec))
-        names = [f"{lazy.spec.layers}.{i}.{r}" for i in range(n) for r in lazy.spec.linears]
-        heads = getattr(lazy.model.config, "num_attention_heads", 1)
-        gqa = heads // (getattr(lazy.model.config, "num_key_value_heads", None) or heads)
-        plan = recipes.recipe_plan(req.gguf_recipe, recipes.gguf_tensors(lazy.model, names, n), n, gqa,
+        cfg, n = lazy.model.config, len(decoder_layers(lazy.model, lazy.spec))
+        heads = getattr(cfg, "num_attention_heads", 1)
+        gqa = heads // (getattr(cfg, "num_key_value_heads", None) or heads)
+        plan = recipes.recipe_plan(req.gguf_recipe, recipes.gguf_tensors(cfg.model_type, shapes, n), n, gqa,
                                    calibrated=calib is not None, clip_search=req.scheme.clip_search)  # fmt: skip
-    plan = recipes.resolve_shapes(plan, linear_shapes(lazy.model))[0]
+    plan = recipes.resolve_shapes(plan, shapes)[0]
     if req.gptq:
         device = req.device or "cpu"
         acts = start_activations(lazy.model, lazy.spec, calib, device, "cpu" if req.offload_activations else device)
@@ -305,7 +300,7 @@ def _on_failure(out: Path, prog: Progress, e: BaseException) -> None:
             for p in out.iterdir():
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return
-    done = record.complete_config(out)
+    done = complete_config(out)
     if done is not None:  # never look complete
         try:
             atomic_write_json(out / "config.json", placeholder_config(done))

@@ -16,17 +16,17 @@ from .errors import LlmqError
 EXPORTABLE = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
 
-def arch_of(config) -> tuple[str, bool]:
-    mt = getattr(config, "model_type", None)
+def arch_of(model_type: str | None) -> tuple[str, bool]:
+    mt = model_type
     if mt not in EXPORTABLE:
         raise LlmqError(f"model_type {mt!r}: the GGUF export writes {', '.join(EXPORTABLE)} models (llama.cpp "
                         "architectures llama and qwen2); this one is not supported yet")  # fmt: skip
     return EXPORTABLE[mt]
 
 
-def name_map(config, n_layers: int) -> gguf.TensorNameMap:
+def name_map(model_type: str | None, n_layers: int) -> gguf.TensorNameMap:
     """gguf-py's map of HF tensor names to GGUF ones for this model's architecture (any architecture gguf knows)."""
-    mt = getattr(config, "model_type", "") or ""
+    mt = model_type or ""
     arch = EXPORTABLE.get(mt, (mt, False))[0]
     try:
         return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)

@@ -32,13 +32,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import codec, formats, nn
 from .algorithms.rtn import rtn
-from .archs import arch_for, quantizable_names, weight_of
+from .archs import arch_for, weight_of
 from .checkpoint import SHARD_METADATA, CheckpointReader, tensor_headers
 from .config import QuantPlan, QuantScheme
 from .dtypes import DTYPES
 from .errors import LlmqError
-from .pipeline import check_finite
-from .qtensor import QuantizedWeight
+from .pipeline import check_finite, linear_shapes
 from .recipes import resolve_shapes
 from .record import (HEADER_KEYS, INTERRUPTED_MESSAGE, QUANT_METHOD, CheckpointRecord, ModuleRecord, WeightRecord,
                      describes_checkpoint, is_placeholder)
@@ -170,10 +169,9 @@ class LlmqHfQuantizer(HfQuantizer):
                     "^" + rec.sentinel.replace(".", r"\.") + "$"}  # fmt: skip
         else:
             skip = set(self.quantization_config.modules_to_not_convert or [])
-            names = [n for n in quantizable_names(model, spec) if n not in skip]
-            shapes = {n: tuple(weight_of(_module(model, n), spec).shape) for n in names}
+            shapes = {n: s for n, s in linear_shapes(model).items() if n not in skip}
             self.plan = resolve_shapes(self.plan, shapes)[0]  # llama.cpp's fallback where a block format does not fit
-            self.modules = {n: self._on_the_fly_record(model, spec, n) for n in names}
+            self.modules = {n: self._on_the_fly_record(n, s) for n, s in shapes.items()}
         for name, mrec in self.modules.items():
             old = _module(model, name)
             shape = tuple(weight_of(old, spec).shape)  # [out, in]
@@ -198,8 +196,7 @@ class LlmqHfQuantizer(HfQuantizer):
             check_checkpoint(model, rec, files)
         return model
 
-    def _on_the_fly_record(self, model, spec, name: str) -> ModuleRecord:
-        shape = tuple(weight_of(_module(model, name), spec).shape)  # [out, in]
+    def _on_the_fly_record(self, name: str, shape: tuple[int, int]) -> ModuleRecord:
         scheme = self.plan.scheme_for(name)
         nnz = round(shape[0] * shape[1] * scheme.outliers)
         return ModuleRecord(name, shape, (WeightRecord(scheme, shape, nnz),))
@@ -219,10 +216,7 @@ class LlmqHfQuantizer(HfQuantizer):
                                 "re-quantize the model")  # fmt: skip
             qw = mod.quantized_weight()
             qw.validate(name)
-            pieces = [(name, qw)] if isinstance(qw, QuantizedWeight) else \
-                [(f"{name}.pieces.{k}", p) for k, p in enumerate(qw.pieces)]  # fmt: skip
-            for where, piece in pieces:
-                piece.check_values(where)
+            qw.check_values(name)
             mod.prepare(name)
         if not self.pre_quantized:
             self.quantization_config.record = self._record(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import codec, record
-from .checkpoint import CheckpointReader, tensor_bytes
+from .checkpoint import CheckpointReader
 from .record import ModuleRecord
 from .summary import human_bytes
 
@@ -22,9 +22,9 @@ def inspect_dir(d: Path, verify: bool = True) -> dict:
     """The table of checkpoint `d`, after the checks every reader makes: each shard readable (and, with verify, its
     sha256 against the index), and the shards' headers holding exactly what config.json describes."""
     _, rec = record.read(d)
-    reader = CheckpointReader(d, verify=verify)
-    codec.check_headers(rec, reader.headers(), str(d))
-    sizes = tensor_bytes(d)
+    headers = CheckpointReader(d, verify=verify).headers()
+    codec.check_headers(rec, headers, str(d))
+    sizes = {k: n for k, (_, _, n) in headers.items()}
     modules, q_bytes, q_weights = [], 0, 0
     for name, m in rec.modules.items():
         nbytes = sum(sizes[k] for k in codec.module_keys(m, sizes))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .algorithms.gptq import gptq
 from .algorithms.rtn import rtn
-from .archs import ArchSpec, arch_for, decoder_layers, weight_of
+from .archs import ArchSpec, arch_for, decoder_layers, quantizable_names, weight_of
 from .config import GPTQConfig, QuantPlan, QuantScheme
 from .errors import LlmqError
 from .lazy import trim_heap
@@ -61,8 +61,7 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, na
 def linear_shapes(model) -> dict[str, tuple[int, int]]:
     """[out, in] of every decoder linear llmq quantizes."""
     spec = arch_for(model.config)
-    return {f"{spec.layers}.{i}.{n}": tuple(weight_of(m, spec).shape) for i, layer in enumerate(decoder_layers(model, spec))
-            for n, m in layer.named_modules() if n in spec.linears}  # fmt: skip
+    return {n: tuple(weight_of(model.get_submodule(n), spec).shape) for n in quantizable_names(model, spec)}
 
 
 def rtn_model(model, plan: QuantPlan, quiet: bool = False) -> dict[str, QuantizedWeight]:

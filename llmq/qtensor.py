@@ -257,6 +257,10 @@ class RowSplitWeight:
                 raise LlmqError(f"{name}.pieces.{k}: shape {q.shape}, but row_part gives it "
                                 f"{len(self.split.rows(k))} rows of {self.shape[1]}")  # fmt: skip
 
+    def check_values(self, name: str) -> None:
+        for k, q in enumerate(self.pieces):
+            q.check_values(f"{name}.pieces.{k}")
+
     @property
     def row_part(self) -> torch.Tensor:
         return torch.tensor(self.split.part, dtype=torch.uint8)

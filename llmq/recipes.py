@@ -126,14 +126,14 @@ def recipe_plan(mix: str, tensors: dict[str, Tensor], n_layers: int, n_gqa: int,
     return QuantPlan(base, overrides)
 
 
-def gguf_tensors(model, linear_names: list[str], n_layers: int) -> dict[str, Tensor]:
-    """name -> Tensor for the linears of an HF model, their categories from gguf-py's tensor name map."""
-    names = gguf_names.name_map(model.config, n_layers)
+def gguf_tensors(model_type: str, shapes: dict[str, tuple[int, int]], n_layers: int) -> dict[str, Tensor]:
+    """name -> Tensor for linears of [out, in] `shapes`, their categories from gguf-py's tensor name map."""
+    names = gguf_names.name_map(model_type, n_layers)
     out = {}
-    for n in linear_names:
+    for n, (_, cols) in shapes.items():
         g = names.get_name(n)
         if g is None or not g.startswith("blk."):
-            raise LlmqError(f"{n}: no llama.cpp tensor of this name in gguf-py's map for {model.config.model_type}")
+            raise LlmqError(f"{n}: no llama.cpp tensor of this name in gguf-py's map for {model_type}")
         _, layer, cat = g.split(".", 2)
-        out[n] = Tensor(cat, int(layer), model.get_submodule(n).in_features)
+        out[n] = Tensor(cat, int(layer), cols)
     return out

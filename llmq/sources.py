@@ -48,6 +48,21 @@ def resolve(spec: str) -> Source:
     return Source("hub", spec)
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions")  # how configs name the model's maximum positions
+
+
+def config_positions(config) -> int | None:
+    """The maximum positions of a transformers config object (None when it has none)."""
+    return next((n for n in (getattr(config, k, None) for k in POSITION_KEYS) if n), None)
+
+
+def check_seqlen(seqlen: int, positions: int | None) -> None:
+    """A window longer than the model's positions gives nonsense (or an index error): refuse it, naming the flag."""
+    if positions is not None and seqlen > positions:
+        raise LlmqError(f"--seqlen {seqlen} is longer than the model's {positions} positions (max_position_embeddings); "
+                        f"use --seqlen {positions} or less")  # fmt: skip
+
+
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
@@ -59,9 +74,9 @@ def max_positions(src: Source) -> int | None:
         if src.kind == "gguf":
             return _gguf_context_length(Path(src.path, src.gguf_file))
         cfg = json.loads((Path(src.path) / "config.json").read_text())
-        n = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-        return int(n) if isinstance(n, int) else None
-    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        n = next((cfg[k] for k in POSITION_KEYS if cfg.get(k)), None)
+        return n if isinstance(n, int) else None
+    except (OSError, ValueError, KeyError, struct.error):  # an unknown value type too: the config's check follows
         return None
 
 
@@ -75,16 +90,17 @@ def _gguf_context_length(path: Path) -> int | None:
             return f.read(read("<Q")).decode()
 
         def skip(t):
-            if t == 8:
+            if t == 8:  # string
                 f.seek(read("<Q"), 1)
-            elif t == 9:
-                et, n = read("<I"), read("<Q")
-                for _ in range(n) if et in (8, 9) else ():
-                    skip(et)
-                if et not in (8, 9):
-                    f.seek(n * struct.calcsize(_GGUF_SCALARS[et]), 1)
-            else:
+            elif t != 9:
                 f.seek(struct.calcsize(_GGUF_SCALARS[t]), 1)
+            else:  # array: element type, count, elements
+                et, n = read("<I"), read("<Q")
+                if et in (8, 9):
+                    for _ in range(n):
+                        skip(et)
+                else:
+                    f.seek(n * struct.calcsize(_GGUF_SCALARS[et]), 1)
 
         if f.read(4) != b"GGUF":
             return None

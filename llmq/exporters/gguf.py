@@ -14,9 +14,10 @@ converted from, when it is still there): architecture, tokenizer and chat templa
 from config.json and the tokenizer files as convert_hf_to_gguf.py would for a byte-level BPE tokenizer
 (tokenizer.json); other tokenizers need `metadata=`.
 
-The file is written beside DEST under a temporary name, read back (every quantized tensor dequantized by gguf-py
-and compared with llmq's own dequantization, bit for bit) and then renamed to DEST: nothing is at DEST unless the
-whole export succeeded.
+Every quantized tensor's blocks are dequantized by gguf-py and compared with llmq's own dequantization (the summary
+reports the largest difference: 0, bit for bit). The file is written beside DEST under a temporary name, read back
+(each quantized tensor's bytes against the sha256 of the blocks compared) and then renamed to DEST: nothing is at
+DEST unless the whole export succeeded.
 """
 from __future__ import annotations
 
@@ -86,13 +87,13 @@ def export(src, dest, embedding_type: str = "auto", metadata=None, overwrite: bo
     if embedding_type not in EMBEDDING_TYPES:
         raise LlmqError(f"--gguf-embedding-type {embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
     config, rec = record.read(src)
-    arch, permute = gguf_names.arch_of(_Cfg(config))
+    arch, permute = gguf_names.arch_of(config.get("model_type"))
     reader = CheckpointReader(src, verify=True)
     types = _check_modules(rec, src)
     _check_dest(dest, overwrite)
     meta_src = _metadata_source(src, metadata)
     n_layers = int(config.get("num_hidden_layers", 0))
-    names = gguf_names.name_map(_Cfg(config), n_layers)
+    names = gguf_names.name_map(config.get("model_type"), n_layers)
     mix = rec.method.get("gguf_recipe") or TYPE_FTYPE[Counter(types.values()).most_common(1)[0][0]]
 
     tmp = dest.parent / f".{dest.name}.llmq-export-tmp"
@@ -105,24 +106,18 @@ def export(src, dest, embedding_type: str = "auto", metadata=None, overwrite: bo
             _hf_metadata(w, config, src, arch)
         w.add_file_type(FTYPES[mix])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        table, expected = _add_tensors(w, rec, reader, config, names, types, permute, mix, embedding_type, quiet)
+        table, diffs, digests = _add_tensors(w, rec, reader, config, names, types, permute, mix, embedding_type,
+                                             quiet)  # fmt: skip
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=not quiet)
         w.close()
-        diffs = _verify(tmp, expected)
+        _verify(tmp, digests)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return _summary(src, dest, mix, table, diffs, meta_src, time.perf_counter() - t0)
-
-
-class _Cfg:
-    """config.json's dict seen as a config object (model_type, ...)."""
-
-    def __init__(self, d: dict):
-        self.__dict__.update(d)
 
 
 def _check_modules(rec: record.CheckpointRecord, src: Path) -> dict[str, str]:
@@ -257,9 +252,9 @@ def pre_tokenizer(src: Path) -> tuple[str, bool, bool]:
 
 def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: dict, permute: bool, mix: str,
                  embedding_type: str, quiet: bool):  # fmt: skip
-    """Add every tensor; returns (name -> (GGUF name, type, weights, bytes), GGUF name -> expected fp32 weights
-    for the quantized linears)."""
-    table, expected, done = {}, {}, set()
+    """Add every tensor; returns (name -> (GGUF name, type, weights, bytes), and for each quantized linear by GGUF
+    name: the largest |gguf-py's dequantization of its blocks - llmq's| (0: bit for bit), and the blocks' sha256)."""
+    table, diffs, digests, done = {}, {}, {}, set()
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
 
@@ -279,7 +274,9 @@ def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: d
         raw = rows(name + ".", blocks_of(qw, types[name]))
         bt = ggml.TYPES[types[name]]
         w.add_tensor(gname, raw.numpy(), raw_shape=raw.shape, raw_dtype=bt.qtype)
-        expected[gname] = rows(name + ".", qw.dequantize(torch.float32))
+        got = gguf.quants.dequantize(raw.numpy(), bt.qtype)
+        diffs[gname] = float(np.abs(got - rows(name + ".", qw.dequantize(torch.float32)).numpy()).max())
+        digests[gname] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
         table[f"{name}.weight"] = (gname, bt.qtype.name, qw.shape[0] * qw.shape[1], raw.numel())
         done |= set(keys) | {f"{name}.weight"}
     tied = bool(config.get("tie_word_embeddings"))
@@ -303,7 +300,7 @@ def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: d
             arr, qtype = _plain(t, ty, k)
             w.add_tensor(gname, arr, raw_shape=arr.shape, raw_dtype=qtype)
         table[k] = (gname, qtype.name, t.numel(), arr.nbytes)
-    return table, expected
+    return table, diffs, digests
 
 
 def _plain(t: torch.Tensor, ty: str, name: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
@@ -316,18 +313,16 @@ def _plain(t: torch.Tensor, ty: str, name: str) -> tuple[np.ndarray, gguf.GGMLQu
     return rtn(t, s).parts["qweight"].numpy(), s.block.qtype
 
 
-def _verify(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Read the written file back: each quantized tensor, dequantized by gguf-py, against llmq's dequantization."""
-    r = gguf.GGUFReader(path)
-    diffs = {}
-    for t in r.tensors:
-        if t.name in expected:
-            got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(expected[t.name].shape)
-            diffs[t.name] = float(np.abs(got - expected[t.name].numpy()).max())
-    missing = set(expected) - set(diffs)
+def _verify(path: Path, digests: dict[str, str]) -> None:
+    """Read the written file back: every quantized tensor holds exactly the blocks compared with llmq's
+    dequantization before writing (their sha256), so nothing of the model is kept in memory for this."""
+    written = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    missing = sorted(set(digests) - set(written))
     if missing:
-        raise LlmqError(f"{path}: tensors {sorted(missing)[:3]} were not written")
-    return diffs
+        raise LlmqError(f"{path}: tensors {missing[:3]} were not written")
+    for name, digest in digests.items():
+        if hashlib.sha256(np.asarray(written[name].data).tobytes()).hexdigest() != digest:
+            raise LlmqError(f"{path}: tensor {name} was written with other bytes than its blocks")
 
 
 def _summary(src: Path, dest: Path, mix: str, table: dict, diffs: dict, meta_src, secs: float) -> dict:
