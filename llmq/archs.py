@@ -3,7 +3,10 @@
 `sequential` lists, per decoder layer, the groups of linears (names relative to the layer) in the order
 their inputs become available: q/k/v read the same input, o reads attention's output, and so on. The
 pipeline quantizes one group, then re-runs the layer so that the next group sees quantized inputs.
-`transposed` marks GPT-2's Conv1D, which stores its weight as [in, out].
+`blocks` names the layer's sub-blocks whose output is their last linear's output (attention -> o_proj, MLP ->
+down_proj): once every linear of a block is quantized, GPTQ replays the block from that linear's recorded input
+instead of recomputing it (pipeline.py; checked on every layer, a block that does not return that very tensor
+is recomputed). `transposed` marks GPT-2's Conv1D, which stores its weight as [in, out].
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ class ArchSpec:
     layers: str  # dotted path of the ModuleList of decoder layers
     sequential: tuple[tuple[str, ...], ...]
     transposed: bool = False
+    blocks: tuple[tuple[str, str], ...] = ()  # (sub-block, the linear whose output it returns)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -33,6 +37,7 @@ _LLAMA = ArchSpec(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    blocks=(("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")),
 )
 ARCHS: dict[str, ArchSpec] = {
     "llama": _LLAMA,
@@ -42,6 +47,7 @@ ARCHS: dict[str, ArchSpec] = {
         layers="transformer.h",
         sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         transposed=True,
+        blocks=(("attn", "attn.c_proj"), ("mlp", "mlp.c_proj")),
     ),
     "opt": ArchSpec(
         layers="model.decoder.layers",
@@ -51,6 +57,7 @@ ARCHS: dict[str, ArchSpec] = {
             ("fc1",),
             ("fc2",),
         ),
+        blocks=(("self_attn", "self_attn.out_proj"), ("fc2", "fc2")),
     ),
 }
 

@@ -153,6 +153,9 @@ class GPTQConfig:
                    the fp model on fp activations (the sensitivity table's weights are exactly these).
                    "fp" measured better and faster on SmolLM2 (benchmarks/results/gptq_inputs.md); "quantized"
                    stays the default until that is measured on larger models.
+    sequential:    with inputs="quantized", quantize a layer's linears group by group (q/k/v, o, gate/up, down),
+                   each from the inputs the already-quantized groups produce ("true sequential"); False takes
+                   every H of the layer from one pass of the unquantized layer, as the original GPTQ code does.
     """
 
     damp: float = 0.01
@@ -161,6 +164,7 @@ class GPTQConfig:
     static_groups: bool = True
     max_damp_tries: int = 4
     inputs: str = "quantized"
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         _check(0.0 < self.damp <= 1.0, f"damp={self.damp} must be in (0, 1]; 0.01 is the paper's value")

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import codec, recipes, sources
+from . import codec, recipes, sources, timing
 from . import mixed as mixed_precision
 from .archs import arch_for, decoder_layers
 from .calibration import calibration_windows, check_enough_text
@@ -171,6 +171,7 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
         summary["file_bytes"] = sum((out / p).stat().st_size for p in writer.written_all(out))
         summary["total_time_s"] = round(time.perf_counter() - t0, 2)
         summary["quantize_time_s"] = round(sum(r["seconds"] for r in summary["layers"] if r), 2)
+        summary["phases_s"] = _phase_totals(summary["layers"])
         summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
         atomic_write_json(out / "summary.json", summary)
         atomic_write_text(out / "README.md", model_card(summary))
@@ -215,17 +216,22 @@ def _convert_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan
                    prog: Progress) -> LayerReport:  # fmt: skip
     """Quantize decoder layer i, write its part file(s), record it in the manifest, release it."""
     spec = lazy.spec
-    layer = lazy.layer(i)
     t1 = time.perf_counter()
-    if req.gptq:
-        q, rep = gptq_layer(layer, i, spec, plan, req.gptq, acts)
-    else:
-        q = rtn_layer(layer, i, spec, plan)
-        rep = LayerReport(i, time.perf_counter() - t1, None, {n: w.bits_per_weight() for n, w in q.items()})
-    state = {f"{spec.layers}.{i}.{k}": v for k, v in layer.state_dict().items()}
-    first = len(writer.written)
-    writer.add(codec.stored_tensors(state, q, DTYPES[req.dtype]))
-    writer.flush()
+    with timing.Phases(acts.device if acts else None) as ph:
+        with timing.phase("read"):
+            layer = lazy.layer(i)
+        if req.gptq:
+            q, rep = gptq_layer(layer, i, spec, plan, req.gptq, acts)
+        else:
+            with timing.phase("params"):
+                q = rtn_layer(layer, i, spec, plan)
+            rep = LayerReport(i, 0.0, None, {n: w.bits_per_weight() for n, w in q.items()})
+        with timing.phase("write"):
+            state = {f"{spec.layers}.{i}.{k}": v for k, v in layer.state_dict().items()}
+            first = len(writer.written)
+            writer.add(codec.stored_tensors(state, q, DTYPES[req.dtype]))
+            writer.flush()
+    rep = rep.timed(ph, time.perf_counter() - t1)
     prog.layer_done(i, writer.written[first:], writer.next_part, {n: ModuleRecord.of(n, w) for n, w in q.items()},
                     dataclasses.asdict(rep))  # fmt: skip
     del q, state
@@ -289,6 +295,15 @@ def _summary(req: ConvertRequest, src, plan: QuantPlan, alloc, method: dict, pro
         "quantized_bytes": q_bytes, "bits_per_weight": 8 * q_bytes / max(q_weights, 1), "load_time_s": round(t_load, 2),
         "layers": [prog.layers[i]["report"] for i in sorted(prog.layers)], "versions": versions(), "machine": machine(),
     }  # fmt: skip
+
+
+def _phase_totals(layers: list[dict]) -> dict[str, float]:
+    """Seconds per phase over every layer (layers converted before a resume included, as recorded)."""
+    tot: dict[str, float] = {}
+    for r in layers:
+        for p, sec in ((r or {}).get("phases") or {}).items():
+            tot[p] = tot.get(p, 0.0) + sec
+    return {p: round(sec, 2) for p, sec in tot.items()}
 
 
 def _on_failure(out: Path, prog: Progress, e: BaseException) -> None:

@@ -4,28 +4,33 @@ RTN needs no data: each linear is quantized from its own weight. GPTQ runs the c
 through the model one decoder layer at a time:
 
   1. capture the inputs of layer 0 (and the arguments the layers need: masks, position embeddings);
-  2. for each layer, for each sequential group of linears (archs.py): forward hooks accumulate
-     H = 2XXᵀ/n (fp32) of each linear's input while the layer runs on every window — stopping as soon
-     as the group has seen its inputs — then each linear is quantized and its weight replaced by the
-     dequantized one, so later groups see the quantized layer;
-  3. re-run the layer on every window: its outputs are the next layer's inputs.
+  2. for each layer, for each sequential group of linears (archs.py): forward pre-hooks accumulate
+     H = 2XXᵀ/n (fp32) of each distinct input (q/k/v share one) while the layer runs on every window —
+     stopping before the group's linears run — then each linear is quantized and its weight replaced by the
+     dequantized one, so later groups see the quantized layer. A finished block (attention once o_proj is
+     quantized, the MLP once down_proj is) is replayed from its last linear's recorded input, not recomputed:
+     a Llama layer costs about one full forward pass instead of five;
+  3. the last pass gives the next layer's inputs.
 
 With GPTQConfig(inputs="fp") the activations stay those of the full-precision model instead: one pass of
 the fp layer accumulates every linear's H and yields the next layer's inputs; then the layer is quantized.
 
-The active layer may live on a GPU (`device`) while the model stays on the CPU; activations live on
-`act_device`. Per layer it logs time and the relative output error ‖Y_q − Y‖/‖Y‖ (on up to
-`ERR_SAMPLES` windows).
+The active layer may live on a GPU (`device`) while the model stays on the CPU; activations (and the replayed
+blocks' recorded inputs) live on `act_device`. Per layer it reports the time of each phase (timing.py), the
+number of passes, and the relative output error ‖Y_q − Y‖/‖Y‖ on the first ERR_TOKENS tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 
+from . import timing
 from .algorithms.gptq import gptq
 from .algorithms.rtn import rtn
 from .archs import ArchSpec, arch_for, decoder_layers, quantizable_names, weight_of
@@ -36,7 +41,7 @@ from .qtensor import QuantizedWeight, RowSplitWeight
 from .recipes import resolve_shapes
 
 log = logging.getLogger("llmq")
-ERR_SAMPLES = 16
+ERR_TOKENS = 2048  # the relative output error is measured on the first windows covering this many tokens
 
 
 @dataclass
@@ -45,6 +50,12 @@ class LayerReport:
     seconds: float
     rel_error: float | None = None
     modules: dict[str, float] = field(default_factory=dict)  # name -> bits per weight
+    phases: dict[str, float] = field(default_factory=dict)  # timing.PHASES -> seconds (exclusive)
+    passes: int = 0  # forward passes of the layer over the calibration windows (stopped early or whole)
+
+    def timed(self, ph: timing.Phases, seconds: float) -> LayerReport:
+        """This report with the layer's total time and the phases measured around it (read and write included)."""
+        return replace(self, seconds=seconds, phases=ph.report(), passes=ph.counts.get("passes", 0))
 
 
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, name: str,
@@ -134,36 +145,171 @@ def _run_layer(layer, x, args, kwargs, device):
     return out[0] if isinstance(out, tuple) else out
 
 
-class _HessianHooks:
-    """Forward hooks accumulating H = 2XᵀX/n per linear; stop the pass once every module has fired."""
+def accumulate_xtx(H: torch.Tensor, x: torch.Tensor) -> None:
+    """H += xᵀx for x [tokens, C], upper triangle only (`symmetrize` fills the rest): the column blocks
+    i <= j of a split into n <= 8 blocks of >= 128 columns, (n+1)/2n of a full product's work (56% at 8;
+    measured 0.61x of one addmm at C = 1536, 0.66x at 576, one thread)."""
+    C = x.shape[1]
+    n = max(1, min(8, C // 128))
+    edges = [C * k // n for k in range(n + 1)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
 
-    def __init__(self, modules: dict[str, torch.nn.Module]):
-        self.H = {n: None for n in modules}
+
+def symmetrize(H: torch.Tensor) -> torch.Tensor:
+    """Mirror the upper triangle accumulated by accumulate_xtx into the lower one, in place."""
+    lower = torch.ones(H.shape, dtype=torch.bool, device=H.device).tril_(-1)
+    return H.masked_scatter_(lower, H.t()[lower]) if H.shape[0] > 1 else H
+
+
+class _HessianHooks:
+    """Forward pre-hooks accumulating H = 2XᵀX/n of each linear's input, before the linear runs.
+
+    Linears fed the very same tensor (q/k/v; gate/up) share one H, found on the first window: one product per
+    distinct input. With `stop`, the pass is stopped (raising _Stop) as soon as every distinct input of the
+    window has been seen, so a group's own linears are not even computed. `record` names linears whose input
+    is also kept per window (for _Replay), on `record_device`."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], stop: bool = True, record: tuple[str, ...] = (),
+                 record_device=None):  # fmt: skip
+        self.H: dict[str, torch.Tensor | None] = {n: None for n in modules}
         self.count = {n: 0 for n in modules}
-        self.fired: set[str] = set()
-        self.stop_early = True
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+        self.alias: dict[str, str] = {}  # linear -> the linear whose H it shares
+        self.stop = stop
+        self.recorded: dict[str, list[torch.Tensor]] = {n: [] for n in record}
+        self.record_device = record_device
+        self._names = list(modules)
+        self._window_inputs: list[tuple[torch.Tensor, str]] = []  # held for the window: no address reuse
+        self._first = True
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def new_window(self) -> None:
+        if self._window_inputs:
+            self._first = False
+        self._window_inputs = []
 
     def _hook(self, name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # [tokens, in]
-            if self.H[name] is None:
-                self.H[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            self.H[name].addmm_(x.t(), x)
-            self.count[name] += x.shape[0]
-            self.fired.add(name)
-            if self.stop_early and len(self.fired) == len(self.H):
+        def hook(module, inputs):
+            x = inputs[0]
+            if name in self.recorded:
+                self.recorded[name].append(x.detach().to(self.record_device))
+            if name not in self.alias:
+                same = next((n for t, n in self._window_inputs if t is x or (t.data_ptr() == x.data_ptr()
+                             and t.shape == x.shape and t.stride() == x.stride())), None)  # fmt: skip
+                if same is not None and self._first:
+                    self.alias[name] = same
+                else:
+                    with timing.phase("hessian"):
+                        xf = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, in]
+                        if self.H[name] is None:
+                            self.H[name] = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float32, device=xf.device)
+                        accumulate_xtx(self.H[name], xf)
+                        self.count[name] += xf.shape[0]
+                    self._window_inputs.append((x, name))
+            # first window: every linear fired (aliases are found then); later ones: every distinct input seen
+            seen = {n for _, n in self._window_inputs}
+            if self.stop and all(n in seen or n in self.alias for n in self._names):
                 raise _Stop
 
         return hook
 
     def hessians(self) -> dict[str, torch.Tensor]:
-        """The accumulated H, scaled in place (no copies: at C = 5632 each is 127 MB)."""
-        return {n: H.mul_(2.0 / max(self.count[n], 1)) for n, H in self.H.items()}
+        """The accumulated H, scaled in place (no copies: at C = 5632 each is 127 MB); shared ones appear under
+        every linear that reads them."""
+        for n, H in self.H.items():
+            if n in self.alias:
+                continue
+            if H is None:
+                raise LlmqError(f"{n}: the layer never called this linear on the calibration windows; its model "
+                                "code does not match llmq's architecture table (llmq/archs.py)")  # fmt: skip
+            symmetrize(H).mul_(2.0 / max(self.count[n], 1))
+        return {n: self.H[self.alias.get(n, n)] for n in self._names}
 
     def remove(self):
         for h in self.handles:
             h.remove()
+        self._window_inputs = []
+
+
+class _Replay:
+    """Replays the layer's finished sub-blocks (ArchSpec.blocks) instead of recomputing them.
+
+    A block whose output is its last linear's output (checked on a full pass: `check`) needs only that linear's
+    input once every linear in it is quantized: that input is recorded in the pass that accumulates the linear's
+    H (all upstream linears are quantized by then, so it is final), and later passes run `block.forward` as
+    `linear(recorded input)` — attention is computed once per layer instead of once per sequential group. The
+    first replay of a window keeps the block's output instead of the input (same size or smaller)."""
+
+    def __init__(self, layer, spec: ArchSpec, device):
+        self.layer, self.spec, self.device = layer, spec, device
+        self.ok: set[str] = set()  # blocks that return their last linear's output tensor
+        self.inputs: dict[str, list] = {}  # block -> per window: the last linear's input, or the block's output
+        self.structure: dict[str, tuple | None] = {}  # block -> the output tuple's shape (None: a bare tensor)
+        self.window = 0
+        self._active: list[str] = []
+
+    @contextlib.contextmanager
+    def check(self):
+        """Within this context (a full forward pass), find which blocks return their last linear's output."""
+        seen, handles = {}, []
+        for blk, lin in self.spec.blocks:
+            handles.append(self.layer.get_submodule(lin).register_forward_hook(
+                lambda m, i, o, blk=blk: seen.__setitem__(blk, o)))  # fmt: skip
+            handles.append(self.layer.get_submodule(blk).register_forward_hook(
+                lambda m, i, o, blk=blk: self._note(blk, o, seen.get(blk))))  # fmt: skip
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _note(self, blk: str, out, lin_out) -> None:
+        if isinstance(out, tuple) and out and out[0] is lin_out and all(o is None for o in out[1:]):
+            self.ok.add(blk)
+            self.structure[blk] = (len(out),)
+        elif out is lin_out and lin_out is not None:
+            self.ok.add(blk)
+            self.structure[blk] = None
+        else:
+            self.ok.discard(blk)
+            log.debug("%s does not return its last linear's output: recomputed in every pass", blk)
+
+    def recordable(self, group: tuple[str, ...], done: set[str]) -> tuple[str, ...]:
+        """The last linears of blocks that this group completes (every other linear of the block quantized)."""
+        out = []
+        for blk, lin in self.spec.blocks:
+            others = [n for n in self.spec.linears if n.startswith(blk + ".") and n != lin] if blk != lin else []
+            if blk in self.ok and lin in group and all(n in done for n in others):
+                out.append(lin)
+        return tuple(out)
+
+    def start(self, recorded: dict[str, list]) -> None:
+        """Replay, from now on, the blocks whose last linear's inputs were recorded (one per window)."""
+        for blk, lin in self.spec.blocks:
+            if lin in recorded and recorded[lin]:
+                self.inputs[blk] = [("in", x) for x in recorded[lin]]
+                mod = self.layer.get_submodule(blk)
+                mod.forward = self._forward(blk, self.layer.get_submodule(lin))
+                self._active.append(blk)
+
+    def _forward(self, blk: str, lin):
+        run = type(lin).forward.__get__(lin)  # the linear's own forward, even when the block is the linear
+
+        def forward(*args, **kwargs):
+            kind, t = self.inputs[blk][self.window]
+            if kind == "in":
+                with torch.no_grad():
+                    t = run(t.to(self.device)).to(t.device)
+                self.inputs[blk][self.window] = ("out", t)
+            t = t.to(self.device)
+            return t if self.structure[blk] is None else (t,) + (None,) * (self.structure[blk][0] - 1)
+
+        return forward
+
+    def stop(self) -> None:
+        for blk in self._active:
+            del self.layer.get_submodule(blk).forward
+        self._active, self.inputs = [], {}
 
 
 @dataclass
@@ -211,18 +357,60 @@ def install_dequantized(layer, i: int, spec: ArchSpec, qweights: dict[str, Quant
             mod.weight.copy_(Wq.t() if spec.transposed else Wq)
 
 
+def error_windows(acts: Activations) -> int:
+    """How many windows the relative output error is measured on: the first ones covering ERR_TOKENS tokens."""
+    if not acts.inps:
+        return 0
+    per = max(1, acts.inps[0].shape[:-1].numel())
+    return min(len(acts.inps), -(-ERR_TOKENS // per))
+
+
+def _pass(layer, acts: Activations, hooks: _HessianHooks | None, replay: _Replay | None = None,
+          full: int = 0, ref: list | None = None) -> None:  # fmt: skip
+    """One pass of the layer over every window, for its hooks (stopped early). The first `full` windows run whole
+    (timed as "error"): their outputs go to `ref`, and the replay's block check watches them."""
+    timing.count("passes")
+    for k, x in enumerate(acts.inps):
+        if hooks is not None:
+            hooks.new_window()
+            hooks.stop = k >= full
+        if replay is not None:
+            replay.window = k
+        whole = k < full
+        with timing.phase("error" if whole else "forward"), (replay.check() if whole and replay else _nothing()):
+            try:
+                y = _run_layer(layer, x, acts.args, acts.kwargs, acts.device)
+                if whole and ref is not None:
+                    ref.append(y.to(acts.act_device))
+            except _Stop as e:  # free the stopped pass's activations now, not at the next cyclic GC
+                traceback.clear_frames(e.__traceback__)
+    if hooks is not None:
+        hooks.new_window()
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
 @torch.no_grad()
-def advance(layer, acts: Activations, ref_out: list | None = None) -> float | None:
-    """Run the layer on every window; its outputs replace `acts.inps`. Returns ‖Y − ref‖/‖ref‖ over the
-    windows that have a reference output."""
+def advance(layer, acts: Activations, ref_out: list | None = None, replay: _Replay | None = None,
+            phase: str = "forward") -> float | None:  # fmt: skip
+    """Run the layer on every window (timed as `phase`); its outputs replace `acts.inps`. Returns ‖Y − ref‖/‖ref‖
+    over the windows that have a reference output."""
     home = next(layer.parameters()).device
     layer.to(acts.device)
+    timing.count("passes")
     num = den = 0.0
     for k, x in enumerate(acts.inps):
-        y = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
+        if replay is not None:
+            replay.window = k
+        with timing.phase(phase):
+            y = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
         if ref_out and k < len(ref_out):
-            num += (y - ref_out[k]).float().square().sum().item()
-            den += ref_out[k].float().square().sum().item()
+            with timing.phase("error"):
+                num += (y - ref_out[k]).float().square().sum().item()
+                den += ref_out[k].float().square().sum().item()
         acts.inps[k] = y
     layer.to(home)
     return (num / den) ** 0.5 if den else None
@@ -231,42 +419,45 @@ def advance(layer, acts: Activations, ref_out: list | None = None) -> float | No
 @torch.no_grad()
 def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, acts: Activations) -> tuple[dict, LayerReport]:
     """Quantize one decoder layer with GPTQ, group by group; then advance the activations through it.
-    cfg.inputs == "fp": see gptq_layer_fp."""
+    cfg.inputs == "fp": see gptq_layer_fp.
+
+    Passes: the first group's pass stops at its linears' input (the first ERR_TOKENS tokens run the fp layer
+    whole: the error reference); each later group's pass stops where that group's input is complete, with the
+    finished blocks replayed (_Replay); the last pass gives the next layer's inputs. With cfg.sequential=False,
+    one pass accumulates every H from the unquantized layer (the original GPTQ code's way)."""
     if cfg.inputs == "fp":
         return gptq_layer_fp(layer, i, spec, plan, cfg, acts)
     t0 = time.perf_counter()
     home = next(layer.parameters()).device
     layer.to(acts.device)
     out: dict[str, QuantizedWeight] = {}
-    ref_out = None
-    for gi, group in enumerate(spec.sequential):
-        mods = {rel: layer.get_submodule(rel) for rel in group}
-        for rel, mod in mods.items():
-            check_finite(weight_of(mod, spec), f"{spec.layers}.{i}.{rel}")
-        hooks = _HessianHooks(mods)
-        hooks.stop_early = gi > 0  # the first pass runs whole: its outputs are the fp reference
-        try:
-            outs = []
-            for k, x in enumerate(acts.inps):
-                try:
-                    y = _run_layer(layer, x, acts.args, acts.kwargs, acts.device)
-                    if gi == 0 and k < ERR_SAMPLES:
-                        outs.append(y.to(acts.act_device))
-                except _Stop:
-                    pass
-            if gi == 0:
-                ref_out = outs
-        finally:
-            hooks.remove()
-        Hs = hooks.hessians()
-        del hooks  # Hs is now the only reference: each H is freed as soon as its module is done
-        trim_heap()  # the stopped passes' activations, held in traceback cycles
-        out |= _quantize_modules(i, spec, plan, cfg, mods, Hs)
+    ref_out: list = []
+    replay = _Replay(layer, spec, acts.device)
+    groups = spec.sequential if cfg.sequential else (spec.linears,)
+    done: set[str] = set()
+    try:
+        for gi, group in enumerate(groups):
+            mods = {rel: layer.get_submodule(rel) for rel in group}
+            for rel, mod in mods.items():
+                check_finite(weight_of(mod, spec), f"{spec.layers}.{i}.{rel}")
+            hooks = _HessianHooks(mods, record=replay.recordable(group, done), record_device=acts.act_device)
+            try:
+                _pass(layer, acts, hooks, replay, full=error_windows(acts) if gi == 0 else 0, ref=ref_out)
+            finally:
+                hooks.remove()
+            Hs = hooks.hessians()
+            recorded = hooks.recorded
+            del hooks  # Hs is now the only reference: each H is freed as soon as its module is done
+            out |= _quantize_modules(i, spec, plan, cfg, mods, Hs)
+            done |= set(group)
+            replay.start(recorded)
+        err = advance(layer, acts, ref_out, replay)
+    finally:
+        replay.stop()
+    with timing.phase("forward"):
         trim_heap()
     layer.to(home)
-    err = advance(layer, acts, ref_out)
-    rep = LayerReport(i, time.perf_counter() - t0, err, {n: q.bits_per_weight() for n, q in out.items()})
-    return out, rep
+    return out, LayerReport(i, time.perf_counter() - t0, err, {n: q.bits_per_weight() for n, q in out.items()})
 
 
 def _quantize_modules(i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, mods: dict,
@@ -277,8 +468,9 @@ def _quantize_modules(i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
         name = f"{spec.layers}.{i}.{rel}"
         mod = mods[rel]
         qw = quantize_linear(weight_of(mod, spec), Hs.pop(rel), plan, name, cfg)
-        Wq = qw.dequantize(mod.weight.dtype).to(mod.weight.device)
-        mod.weight.copy_(Wq.t() if spec.transposed else Wq)
+        with timing.phase("params"):
+            Wq = qw.dequantize(mod.weight.dtype).to(mod.weight.device)
+            mod.weight.copy_(Wq.t() if spec.transposed else Wq)
         out[name] = qw
     return out
 
@@ -289,34 +481,39 @@ def gptq_layer_fp(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfi
     """GPTQ with every linear's H from full-precision inputs: one pass of the fp layer over every window
     accumulates all H and gives the next layer's (fp) inputs; then every linear is quantized. `acts`
     holds the fp model's activations, so on resume a finished layer is advanced with its fp weights.
-    Unlike the sequential path, all of the layer's H are alive at once (7 for a Llama layer)."""
+    Unlike the sequential path, all of the layer's distinct H are alive at once (4 for a Llama layer)."""
     t0 = time.perf_counter()
     home = next(layer.parameters()).device
     layer.to(acts.device)
     mods = {rel: layer.get_submodule(rel) for rel in spec.linears}
     for rel, mod in mods.items():
         check_finite(weight_of(mod, spec), f"{spec.layers}.{i}.{rel}")
-    hooks = _HessianHooks(mods)
-    hooks.stop_early = False
-    # the first ERR_SAMPLES windows' inputs, for the error report (their fp outputs replace them in acts)
-    sample = replace(acts, inps=acts.inps[:ERR_SAMPLES])
+    hooks = _HessianHooks(mods, stop=False)
+    # the first windows' inputs, for the error report (their fp outputs replace them in acts)
+    sample = replace(acts, inps=acts.inps[: error_windows(acts)])
+    timing.count("passes")
     try:
         for k, x in enumerate(acts.inps):
-            acts.inps[k] = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
+            hooks.new_window()
+            with timing.phase("forward"):
+                acts.inps[k] = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
     finally:
         hooks.remove()
     Hs = hooks.hessians()
     del hooks
     out = _quantize_modules(i, spec, plan, cfg, mods, Hs)
-    trim_heap()
-    err = advance(layer, sample, ref_out=acts.inps[:ERR_SAMPLES])  # sample.inps become the quantized outputs
+    err = advance(layer, sample, ref_out=acts.inps[: len(sample.inps)], phase="error")  # sample.inps: quantized outputs
+    with timing.phase("forward"):
+        trim_heap()
     layer.to(home)
     return out, LayerReport(i, time.perf_counter() - t0, err, {n: q.bits_per_weight() for n, q in out.items()})
 
 
 def log_layer(rep: LayerReport, bar, quiet: bool) -> None:
     err = f", relative output error {rep.rel_error:.4f}" if rep.rel_error is not None else ""
-    msg = f"layer {rep.index}: {rep.seconds:.1f}s{err}"
+    parts = [f"{p} {s:.1f}" for p, s in rep.phases.items() if s >= 0.05]
+    inner = "; ".join(x for x in (f"{rep.passes} passes" if rep.passes else "", ", ".join(parts)) if x)
+    msg = f"layer {rep.index}: {rep.seconds:.1f}s{f' ({inner})' if inner else ''}{err}"
     log.debug(msg) if quiet else bar.write(msg)
 
 
@@ -332,7 +529,10 @@ def gptq_model(model, plan: QuantPlan, calib: torch.Tensor, cfg: GPTQConfig | No
     out: dict[str, QuantizedWeight] = {}
     bar = tqdm(range(len(layers)), desc="quantize (gptq)", unit="layer", disable=quiet)
     for i in bar:
-        q, rep = gptq_layer(layers[i], i, spec, plan, cfg, acts)
+        with timing.Phases(acts.device) as ph:
+            t0 = time.perf_counter()
+            q, rep = gptq_layer(layers[i], i, spec, plan, cfg, acts)
+        rep = rep.timed(ph, time.perf_counter() - t0)
         out |= q
         if reports is not None:
             reports.append(rep)

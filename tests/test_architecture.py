@@ -10,7 +10,7 @@ PACKAGES = {"llmq": REPO / "llmq", "llmq.kernels": REPO / "kernels", "llmq.eval"
 
 # Lowest first: a module may import only modules of earlier layers (or of its own layer, without a loop).
 LAYERS = [
-    ["llmq.errors", "llmq.version", "llmq.dtypes"],
+    ["llmq.errors", "llmq.version", "llmq.dtypes", "llmq.timing"],
     ["llmq.formats.grouping", "llmq.formats.packing", "llmq.formats.doublequant", "llmq.formats.scales",
      "llmq.formats.integer", "llmq.formats.codebook", "llmq.formats.nf", "llmq.formats.fp", "llmq.formats.ggml", "llmq.formats"],
     ["llmq.config"],

@@ -35,7 +35,8 @@ def search_params(
         p = 1.0 - i * STEP
         scale, zero = g.find_params(Wg, mask, scheme, shrink=p)
         s, z = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
-        err = ((g.decode(g.encode(Wg, s, z, scheme), s, z, scheme) - Wg).square() * w).sum(-1)
+        d = g.decode(g.encode(Wg, s, z, scheme), s, z, scheme)  # a fresh tensor: the error is formed in place
+        err = d.sub_(Wg).square_().mul_(w).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -21,6 +21,7 @@ from ..config import PER_CHANNEL, PER_TENSOR, GPTQConfig, QuantScheme
 from ..errors import LlmqError
 from ..formats import grid, grouping, scales
 from ..qtensor import QuantizedWeight, check_block_shape
+from ..timing import phase
 from . import outliers as outlier_sel
 from .params import group_params, store_params
 from .rtn import rtn
@@ -80,7 +81,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     if not torch.isfinite(H).all():
         raise LlmqError(f"{name or 'layer'}: the Hessian has NaN/Inf entries; the calibration activations overflowed")
     check_block_shape(tuple(W.shape), scheme, name)
-    g = grid(scheme)
     W = W.detach().to(torch.float32).clone()
     H = H.detach()
     R, C = W.shape
@@ -89,20 +89,23 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     diagH[dead] = 1
     W[:, dead] = 0
 
-    perm = torch.argsort(diagH, descending=True) if cfg.act_order else torch.arange(C)
-    rp = perm.flip(0)  # J·H_visiting·J is H indexed by the reversed visiting order: one copy
-    A = H[rp.unsqueeze(1), rp.unsqueeze(0)].to(torch.float32)
-    del H
-    A.diagonal()[dead[rp]] = 1
-    U, hinv_diag_p = damped_inverse_cholesky(A, cfg, name)
-    del A
-    hinv_diag = torch.empty_like(hinv_diag_p)
-    hinv_diag[perm] = hinv_diag_p
+    dev = W.device
+    perm = torch.argsort(diagH, descending=True) if cfg.act_order else torch.arange(C, device=dev)
+    with phase("cholesky"):
+        rp = perm.flip(0)  # J·H_visiting·J is H indexed by the reversed visiting order: one copy
+        A = H[rp.unsqueeze(1), rp.unsqueeze(0)].to(torch.float32)
+        del H
+        A.diagonal()[dead[rp]] = 1
+        U, hinv_diag_p = damped_inverse_cholesky(A, cfg, name)
+        del A
+        hinv_diag = torch.empty_like(hinv_diag_p)
+        hinv_diag[perm] = hinv_diag_p
 
     exact = None  # [R, C] original order: weights kept in fp16
     if scheme.outliers > 0:
-        W_hat = rtn(W, QuantScheme(**(scheme.to_dict() | {"outliers": 0.0}))).dequantize()
-        exact = outlier_sel.by_sensitivity(W, W_hat, hinv_diag, scheme.outliers)
+        with phase("outliers"):
+            W_hat = rtn(W, QuantScheme(**(scheme.to_dict() | {"outliers": 0.0}))).dequantize()
+            exact = outlier_sel.by_sensitivity(W, W_hat, hinv_diag, scheme.outliers)
 
     gs = scheme.group_size
     L = grouping.group_len(C, gs)
@@ -111,26 +114,53 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     # a llama.cpp K-quant's group scales share one fp16 scale per 256 columns: all groups are fixed up front
     dynamic = gs not in (PER_CHANNEL, PER_TENSOR) and not (cfg.act_order and cfg.static_groups) and scheme.block is None
     keep = None if exact is None else ~exact
-    scale = torch.zeros(Rs, G)
-    zero = torch.zeros(Rs, G) if scheme.has_zeros or (scheme.block is not None and scheme.block.offset) else None
-    eff, stored = torch.zeros(Rs, G), None
+    scale = torch.zeros(Rs, G, device=dev)
+    zero = torch.zeros(Rs, G, device=dev) if scheme.has_zeros or (scheme.block is not None and scheme.block.offset) else None
+    eff, stored = torch.zeros(Rs, G, device=dev), None
     if not dynamic:  # all group parameters up front, from the unquantized weight, original column order, as stored
-        scale, zero = group_params(W, scheme, keep, diagH)
-        eff, zero, stored = store_params(scale, zero, scheme)
+        with phase("clip_search" if scheme.clip_search else "params"):
+            scale, zero = group_params(W, scheme, keep, diagH)
+        with phase("params"):
+            eff, zero, stored = store_params(scale, zero, scheme)
 
     # visiting order: column j of Wp is original column perm[j]
     Wp = W[:, perm]
     exact_p = None if exact is None else exact[:, perm]
-    group_of = (perm if not dynamic else torch.arange(C)) // L if gs != PER_TENSOR else torch.zeros(C, dtype=torch.long)
-    codes = torch.zeros(R, C, dtype=torch.uint8)
-    kept = None if exact is None else torch.zeros(R, C)  # exact values (outliers), visiting order
+    # each visited column's group, on the host once (the loop indexes with it: no device sync per column)
+    group_of = ((perm.cpu() if not dynamic else torch.arange(C)) // L if gs != PER_TENSOR
+                else torch.zeros(C, dtype=torch.long)).tolist()  # fmt: skip
+    codes = torch.zeros(R, C, dtype=torch.uint8, device=dev)
+    kept = None if exact is None else torch.zeros(R, C, device=dev)  # exact values (outliers), visiting order
+    with phase("column_loop"):
+        _column_loop(Wp, U, codes, scale, zero, eff, exact_p, kept, group_of, scheme, cfg, L if dynamic else None,
+                     diagH[perm])  # fmt: skip
 
-    bounds = _block_bounds(C, cfg.block_size, L if dynamic else None)
+    with phase("params"):
+        if stored is None:
+            stored = scales.store(scale, scheme)[1]
+        out = None if exact_p is None else (exact_p, kept)
+        if cfg.act_order and not dynamic:  # back to the original column order: no permutation stored
+            inv = torch.argsort(perm)
+            codes = codes[:, inv]
+            out = None if out is None else (out[0][:, inv], out[1][:, inv])
+            return QuantizedWeight.build(codes, stored, zero, scheme, out)
+        return QuantizedWeight.build(codes, stored, zero, scheme, out, perm if cfg.act_order else None)
+
+
+def _column_loop(Wp, U, codes, scale, zero, eff, exact_p, kept, group_of: list[int], scheme: QuantScheme, cfg: GPTQConfig,
+                 dyn_len: int | None, diagH_p) -> None:  # fmt: skip
+    """The GPTQ column loop over Wp [R, C] (visiting order, updated in place): fills codes / kept, and with
+    dynamic groups (dyn_len = their length) each group's scale / zero / effective scale as it is reached."""
+    g = grid(scheme)
+    R, C = Wp.shape
+    L = dyn_len
+
+    bounds = _block_bounds(C, cfg.block_size, L)
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
-        if dynamic and i1 % L == 0:  # a new group starts here: Wp[:, i1:] is up to date
+        if L and i1 % L == 0:  # a new group starts here: Wp[:, i1:] is up to date
             gi = i1 // L
             s, z = group_params(Wp[:, i1 : i1 + L], scheme, None if exact_p is None else ~exact_p[:, i1 : i1 + L],
-                                diagH[perm][i1 : i1 + L])  # fmt: skip
+                                diagH_p[i1 : i1 + L])  # fmt: skip
             scale[:, gi : gi + 1] = s
             eff[:, gi : gi + 1] = scales.store(s, scheme)[0]
             if zero is not None:
@@ -138,11 +168,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
         # the block is held transposed, [B, R]: column j of W is a contiguous row (fast on CPU)
         W1 = Wp[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
-        C1 = torch.zeros(i2 - i1, R, dtype=torch.uint8)
+        C1 = torch.zeros(i2 - i1, R, dtype=torch.uint8, device=Wp.device)
         U1 = U[i1:i2, i1:i2]
         effT = eff.t().contiguous()  # [G, Rs]
         zeroT = None if zero is None else zero.t().contiguous()
-        gids = group_of[i1:i2].tolist()
+        gids = group_of[i1:i2]
         for i in range(i2 - i1):
             w = W1[i]
             s = effT[gids[i]]
@@ -160,12 +190,3 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
         codes[:, i1:i2] = C1.t()
         Wp[:, i2:] -= Err1.t() @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
 
-    if stored is None:
-        stored = scales.store(scale, scheme)[1]
-    out = None if exact_p is None else (exact_p, kept)
-    if cfg.act_order and not dynamic:  # back to the original column order: no permutation stored
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-        out = None if out is None else (out[0][:, inv], out[1][:, inv])
-        return QuantizedWeight.build(codes, stored, zero, scheme, out)
-    return QuantizedWeight.build(codes, stored, zero, scheme, out, perm if cfg.act_order else None)
