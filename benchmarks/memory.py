@@ -11,12 +11,14 @@ carries over from the parent across fork + exec).
 
 The one-layer budget is computed from the real sizes: process baseline (RSS after importing torch,
 transformers and llmq) + one decoder layer in fp32 + the largest Hessian set held at once + calibration
-activations (inputs + reference outputs) + embeddings and head in fp32.
+activations (inputs, reference outputs, the replayed blocks' recorded attention output and MLP input) + embeddings
+and head in fp32.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +87,7 @@ def main() -> int:
     ap.add_argument("--calib", default=None, help="calibration text (default: local WikiText-2 test split)")
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     ap.add_argument("--out", default=None, help="results name (default memory-METHOD)")
+    ap.add_argument("--flags", default="", help="more `llmq quantize` flags, e.g. \"--no-clip-search\"")
     a = ap.parse_args()
     m = machine()  # at the start: the code this run imported
     d = Path(a.dir)
@@ -92,14 +95,16 @@ def main() -> int:
     out = d / "quantized"
     cmd = [sys.executable, "-m", "llmq", "quantize", str(d / "model"), str(out), "--method", a.method, "--bits", "4",
            "--group-size", "128", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--calib-split", "test",
-           "--overwrite", "--quiet"] + (["--calib", a.calib] if a.calib else [])  # fmt: skip
+           "--overwrite", "--quiet"] + (["--calib", a.calib] if a.calib else []) + shlex.split(a.flags)  # fmt: skip
     subprocess.run(cmd, check=True)
     s = json.loads((out / "summary.json").read_text())
     f32 = 4
     layer = (4 * H * H + 3 * H * I) * f32
     gptq = a.method == "gptq"
-    hessians = max(3 * H * H, 2 * H * H, I * I) * f32 if gptq else 0  # q/k/v | gate/up | down: one group at a time
-    acts = 2 * a.nsamples * a.seqlen * H * f32 if gptq else 0  # inputs + reference outputs (<= 16 windows)
+    hessians = max(H * H, I * I) * f32 if gptq else 0  # one H per distinct input, one group at a time: down's
+    # inputs, the error reference (<= 2048 tokens), the replayed attention's output and MLP's input (pipeline._Replay)
+    tokens = a.nsamples * a.seqlen
+    acts = (tokens * H + min(tokens, 2048) * H + tokens * (H + I)) * f32 if gptq else 0
     emb = 2 * VOCAB * H * f32
     base = baseline_rss_mb()
     budget_mb = base + (layer + hessians + acts + emb) / 2**20

@@ -13,7 +13,7 @@ import transformers
 
 from . import formats, recipes
 from .checkpoint import atomic_write_json
-from .config import GPTQ_INPUTS, CalibConfig, GPTQConfig, MixedConfig, QuantScheme, scheme_from_name
+from .config import GPTQ_CLIP_SEARCH, GPTQ_INPUTS, GPTQ_INPUTS_WHY, CalibConfig, GPTQConfig, MixedConfig, QuantScheme, scheme_from_name
 from .convert import ConvertRequest, convert
 from .dtypes import DTYPE_NAMES
 from .errors import LlmqError
@@ -71,7 +71,9 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
                         "(default 128; llama.cpp's block formats q4_0 ... q6_k fix their own)")
     g.add_argument("--sym", action="store_true", help="symmetric integer grid (no zero points stored)")
     g.add_argument("--double-quant", action="store_true", help="re-quantize the scales to 8 bits (QLoRA)")
-    g.add_argument("--clip-search", action="store_true", help="per group, search the range shrink with least error")
+    g.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="per group, search the range shrink with least error (default: on with --method gptq, "
+                        "measured best at 2-4 bits, benchmarks/results/gptq_recipe.md; off with rtn)")
     g.add_argument("--outliers", type=float, default=0.0, metavar="FRAC",
                    help="fraction of weights kept exact in fp16, e.g. 0.005")
     g.add_argument("--scale-dtype", choices=DTYPE_NAMES, default="float16",
@@ -80,8 +82,11 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
 
 
 def scheme_from_args(a) -> QuantScheme:
+    clip = a.clip_search
+    if clip is None:  # the measured default: GPTQ with clip search (GPTQ_CLIP_SEARCH), RTN as before
+        clip = GPTQ_CLIP_SEARCH if getattr(a, "method", None) == "gptq" else False
     return QuantScheme(bits=a.bits, format=a.format, group_size=a.group_size, sym=a.sym,
-                       double_quant=a.double_quant, scale_dtype=a.scale_dtype, clip_search=a.clip_search,
+                       double_quant=a.double_quant, scale_dtype=a.scale_dtype, clip_search=clip,
                        outliers=a.outliers)  # fmt: skip
 
 
@@ -93,8 +98,8 @@ def quantize_request(a) -> ConvertRequest:
         raise LlmqError("--granularity row is only used with --target-bpw BITS (mixed precision)")
     gptq = a.method == "gptq"
     mixed = None if a.target_bpw is None else MixedConfig(a.target_bpw, a.candidates, a.granularity)
-    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups,
-                      inputs=a.gptq_inputs) if gptq else None  # fmt: skip
+    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups, inputs=a.gptq_inputs,
+                      sequential=a.gptq_sequential) if gptq else None  # fmt: skip
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
                         token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
     if a.gguf_recipe is not None and (a.format != "int" or a.bits is not None or a.group_size is not None):
@@ -185,10 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize columns by decreasing Hessian diagonal (default on)")
     g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
                    help="with act-order: fix group scales up front, no permutation stored (default on)")
-    g.add_argument("--gptq-inputs", choices=GPTQ_INPUTS, default="quantized",
+    g.add_argument("--gptq-inputs", choices=GPTQ_INPUTS, default=GPTQConfig.inputs,
                    help="activations each linear's Hessian comes from: 'quantized' (standard GPTQ: the outputs of "
-                        "the already-quantized layers) or 'fp' (the full-precision model's; lower perplexity on "
-                        "SmolLM2, see benchmarks/results/gptq_inputs.md) (default quantized)")
+                        "the already-quantized layers and groups) or 'fp' (the full-precision model's) "
+                        f"(default {GPTQConfig.inputs}: {GPTQ_INPUTS_WHY})")
+    g.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --gptq-inputs quantized: quantize a layer's linears group by group (q/k/v, o, gate/up, "
+                        "down), each from the outputs of the groups before it (default on; off: every H of a layer "
+                        "from one pass of the unquantized layer, as the original GPTQ code)")
     m = q.add_argument_group("mixed precision")
     m.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                    help="choose a scheme per linear by measured sensitivity so that the average bits per weight "

@@ -133,6 +133,13 @@ class QuantScheme:
 
 
 GPTQ_INPUTS = ("quantized", "fp")
+# The default GPTQ recipe, from benchmarks/results/gptq_recipe.md (SmolLM2, int2/3/4-g128 and NF4-g64, two
+# calibration draws, six recipes): clip search on (without it int2 is unusable and int3/int4 lose 8-38%); H from the
+# quantized model's inputs, group by group (true sequential): the lowest perplexity on average over the four schemes,
+# and the fastest recipe with clip search; damping 0.01 (0.1 helped at 3-4 bits and hurt at 2, NF4).
+GPTQ_CLIP_SEARCH = True
+GPTQ_INPUTS_WHY = ("the lowest perplexity over int2/int3/int4-g128 and NF4-g64 on SmolLM2, "
+                   "benchmarks/results/gptq_recipe.md")
 
 
 @dataclass(frozen=True)
@@ -151,8 +158,9 @@ class GPTQConfig:
                    way): the inputs the already-quantized layers (and groups of this layer) produce.
                    "fp": the full-precision model's own inputs, so every linear is fitted to reproduce
                    the fp model on fp activations (the sensitivity table's weights are exactly these).
-                   "fp" measured better and faster on SmolLM2 (benchmarks/results/gptq_inputs.md); "quantized"
-                   stays the default until that is measured on larger models.
+                   "quantized" is the default: measured better than "fp" on SmolLM2 at 2, 3 and 4 bits, much better
+                   at 2 (benchmarks/results/gptq_recipe.md; gptq_inputs.md's opposite finding came from a bug that
+                   fed up_proj's H one calibration window, fixed since).
     sequential:    with inputs="quantized", quantize a layer's linears group by group (q/k/v, o, gate/up, down),
                    each from the inputs the already-quantized groups produce ("true sequential"); False takes
                    every H of the layer from one pass of the unquantized layer, as the original GPTQ code does.

@@ -231,11 +231,12 @@ def _convert_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan
             first = len(writer.written)
             writer.add(codec.stored_tensors(state, q, DTYPES[req.dtype]))
             writer.flush()
+            del state
+        with timing.phase("read"):  # the source layer's memory back (counted with reading it)
+            lazy.release(i)
     rep = rep.timed(ph, time.perf_counter() - t1)
     prog.layer_done(i, writer.written[first:], writer.next_part, {n: ModuleRecord.of(n, w) for n, w in q.items()},
                     dataclasses.asdict(rep))  # fmt: skip
-    del q, state
-    lazy.release(i)
     return rep
 
 
