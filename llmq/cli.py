@@ -99,7 +99,7 @@ def quantize_request(a) -> ConvertRequest:
     gptq = a.method == "gptq"
     mixed = None if a.target_bpw is None else MixedConfig(a.target_bpw, a.candidates, a.granularity)
     gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups, inputs=a.gptq_inputs,
-                      sequential=a.gptq_sequential) if gptq else None  # fmt: skip
+                      sequential=a.gptq_sequential, replay=a.gptq_replay) if gptq else None  # fmt: skip
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
                         token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
     if a.gguf_recipe is not None and (a.format != "int" or a.bits is not None or a.group_size is not None):
@@ -198,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gptq-inputs quantized: quantize a layer's linears group by group (q/k/v, o, gate/up, "
                         "down), each from the outputs of the groups before it (default on; off: every H of a layer "
                         "from one pass of the unquantized layer, as the original GPTQ code)")
+    g.add_argument("--gptq-replay", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep each finished attention / MLP block's last-linear input per calibration window and "
+                        "replay the block instead of recomputing it (default on: ~3x faster; costs calibration "
+                        "tokens x (hidden + intermediate) values of memory, on the CPU with --offload-activations); "
+                        "--no-gptq-replay recomputes: identical results, less memory")
     m = q.add_argument_group("mixed precision")
     m.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                    help="choose a scheme per linear by measured sensitivity so that the average bits per weight "

@@ -109,11 +109,17 @@ class ConvertRequest:
             calib["source"] = str(Path(calib["source"]).resolve())
         m = self.mixed
         return {"model": str(src), "method": self.method, "scheme": self.scheme.to_dict(),
-                "gptq": dataclasses.asdict(self.gptq) if self.gptq else None, "calibration": calib,
+                "gptq": _gptq_args(self.gptq), "calibration": calib,
                 "dtype": self.dtype, "max_shard_size": self.max_shard_size, "device": self.device, "llmq": __version__,
                 **({"target_bpw": m.target_bpw, "candidates": list(m.candidates)} if m else {}),
                 **({"granularity": "row"} if m and m.granularity == "row" else {}),
                 **({"gguf_recipe": self.gguf_recipe} if self.gguf_recipe else {})}  # fmt: skip
+
+
+def _gptq_args(cfg: GPTQConfig | None) -> dict | None:
+    """GPTQ options that change the output: `replay` does not (it trades memory for time), so a conversion that ran
+    out of memory resumes with --no-gptq-replay."""
+    return None if cfg is None else {k: v for k, v in dataclasses.asdict(cfg).items() if k != "replay"}
 
 
 def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = None) -> dict:

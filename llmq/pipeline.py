@@ -447,7 +447,8 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
             mods = {rel: layer.get_submodule(rel) for rel in group}
             for rel, mod in mods.items():
                 check_finite(weight_of(mod, spec), f"{spec.layers}.{i}.{rel}")
-            hooks = _HessianHooks(mods, record=replay.recordable(group, done), record_device=acts.act_device)
+            record = replay.recordable(group, done) if cfg.replay else ()
+            hooks = _HessianHooks(mods, record=record, record_device=acts.act_device)
             try:
                 _pass(layer, acts, hooks, replay, full=error_windows(acts) if gi == 0 else 0, ref=ref_out)
             finally:

@@ -134,6 +134,32 @@ def test_not_sequential_takes_every_H_from_the_unquantized_layer():
     assert dataclasses.asdict(GPTQConfig())["sequential"] is True
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_replay_gives_the_same_bits_as_recomputing(arch):
+    _, spec, _, fast, got, ph = run_layer0(arch, GPTQConfig())
+    _, _, _, slow, got_slow, ph_slow = run_layer0(arch, GPTQConfig(replay=False))
+    for rel in spec.linears:
+        assert torch.equal(got[rel], got_slow[rel]), rel
+    for a, b in zip(fast.inps, slow.inps):
+        assert torch.equal(a, b)
+    assert sum(ph.ran.values()) < sum(ph_slow.ran.values())  # the point of it: fewer linears run
+
+
+def test_resume_may_switch_replay_off(tiny_dir, sample_text, tmp_path):
+    """Out of memory with replay: the same command with --no-gptq-replay resumes (replay changes no bit)."""
+    from conftest import incomplete, quantize_killed_after
+
+    src = tiny_dir("llama", tokenizer=True)
+    out = tmp_path / "q"
+    args = [str(src), str(out), "--method", "gptq", "--calib", str(sample_text), "--nsamples", "4", "--seqlen", "32"]
+    assert quantize_killed_after(0, *args).returncode != 0 and incomplete(out)
+    assert main(["quantize", *args, "--no-gptq-replay", "--quiet"]) == 0
+    ref = tmp_path / "ref"
+    assert main(["quantize", *args[:1], str(ref), *args[2:], "--quiet"]) == 0
+    for f in sorted(ref.glob("*.safetensors")):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 @pytest.mark.parametrize("C", [1, 5, 128, 300, 1100])
 def test_the_upper_triangle_product_is_the_full_product(C):
     x = torch.randn(97, C, generator=torch.Generator().manual_seed(C))
