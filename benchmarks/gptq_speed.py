@@ -89,7 +89,7 @@ def main() -> int:
     model = a.model or default_model()
     m = machine()
     base_rev = subprocess.run([a.baseline_python, "-c", "import llmq, pathlib; print(pathlib.Path(llmq.__file__).parents[1])"],
-                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+                              capture_output=True, text=True, check=True, cwd=tempfile.gettempdir()).stdout.strip()  # fmt: skip
     base_git = subprocess.run(["git", "-C", base_rev, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()  # fmt: skip
     work = Path(a.work or tempfile.mkdtemp(prefix="llmq-speed-"))
@@ -113,8 +113,8 @@ def main() -> int:
         prev = runs[f"previous-{th}t"]
         for who in ("previous", "this"):
             r = runs[f"{who}-{th}t"]
-            lines.append(f"| {th} | {who} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {prev['cpu_s'] / r['cpu_s']:.2f}x less | "
-                         f"{r['peak_rss_mb']:.0f} |")  # fmt: skip
+            ratio = "" if who == "previous" else f"{prev['cpu_s'] / r['cpu_s']:.2f}x less"
+            lines.append(f"| {th} | {who} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {ratio} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "Per phase, this implementation (seconds over all layers, from summary.json):", "",
               "| threads | " + " | ".join(runs[f"this-{a.threads[0]}t"]["phases_s"]) + " | passes per layer |",
               "| ---: |" + " ---: |" * (len(runs[f"this-{a.threads[0]}t"]["phases_s"]) + 1)]  # fmt: skip
