@@ -145,15 +145,18 @@ def _release(module: torch.nn.Module, name: str) -> None:
         owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
-def trim_heap() -> None:
+def trim_heap(collect: bool = True) -> None:
     """Free what is only held by reference cycles, and return freed heap memory to the OS.
 
     Cycles: the pipeline stops forward passes by raising from a hook, and each such traceback's frames hold
     that pass's activations in a cycle that only the cyclic GC frees — rarely, since few Python objects
     are allocated meanwhile. glibc keeps freed blocks up to its (dynamic, up to 32 MB) mmap threshold in the
     heap, so without the trim each released layer left about half its size resident. Both measured:
-    benchmarks/results/notes.md."""
-    gc.collect()
+    benchmarks/results/notes.md. `collect=False` only returns the heap's free memory (cheap: the GPTQ pipeline
+    clears its stopped passes' frames itself, and trims after each group's GPTQ so freed Hessians do not stay
+    resident)."""
+    if collect:
+        gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

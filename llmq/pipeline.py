@@ -455,8 +455,12 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
                 hooks.remove()
             Hs = hooks.hessians()
             recorded = hooks.recorded
+            with timing.phase("forward"):
+                trim_heap(collect=False)  # the pass's freed activations
             del hooks  # Hs is now the only reference: each H is freed as soon as its module is done
             out |= _quantize_modules(i, spec, plan, cfg, mods, Hs)
+            with timing.phase("params"):
+                trim_heap(collect=False)  # the group's freed H and GPTQ temporaries back to the OS
             done |= set(group)
             replay.start(recorded)
         err = advance(layer, acts, ref_out, replay)
