@@ -13,7 +13,16 @@ import transformers
 
 from . import formats, recipes
 from .checkpoint import atomic_write_json
-from .config import GPTQ_CLIP_SEARCH, GPTQ_INPUTS, GPTQ_INPUTS_WHY, CalibConfig, GPTQConfig, MixedConfig, QuantScheme, scheme_from_name
+from .config import (
+    GPTQ_CLIP_SEARCH,
+    GPTQ_INPUTS,
+    GPTQ_INPUTS_WHY,
+    CalibConfig,
+    GPTQConfig,
+    MixedConfig,
+    QuantScheme,
+    scheme_from_name,
+)
 from .convert import ConvertRequest, convert
 from .dtypes import DTYPE_NAMES
 from .errors import LlmqError
@@ -84,7 +93,7 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
 def scheme_from_args(a) -> QuantScheme:
     clip = a.clip_search
     if clip is None:  # the measured default: GPTQ with clip search (GPTQ_CLIP_SEARCH), RTN as before
-        clip = GPTQ_CLIP_SEARCH if getattr(a, "method", None) == "gptq" else False
+        clip = GPTQ_CLIP_SEARCH if a.method == "gptq" else False
     return QuantScheme(bits=a.bits, format=a.format, group_size=a.group_size, sym=a.sym,
                        double_quant=a.double_quant, scale_dtype=a.scale_dtype, clip_search=clip,
                        outliers=a.outliers)  # fmt: skip

@@ -222,7 +222,6 @@ def _convert_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan
                    prog: Progress) -> LayerReport:  # fmt: skip
     """Quantize decoder layer i, write its part file(s), record it in the manifest, release it."""
     spec = lazy.spec
-    t1 = time.perf_counter()
     with timing.Phases(acts.device if acts else None) as ph:
         with timing.phase("read"):
             layer = lazy.layer(i)
@@ -240,7 +239,7 @@ def _convert_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan
             del state
         with timing.phase("read"):  # the source layer's memory back (counted with reading it)
             lazy.release(i)
-    rep = rep.timed(ph, time.perf_counter() - t1)
+    rep = rep.timed(ph)
     prog.layer_done(i, writer.written[first:], writer.next_part, {n: ModuleRecord.of(n, w) for n, w in q.items()},
                     dataclasses.asdict(rep))  # fmt: skip
     return rep

@@ -22,6 +22,7 @@ number of passes, and the relative output error ‖Y_q − Y‖/‖Y‖ on the f
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 import traceback
@@ -53,9 +54,9 @@ class LayerReport:
     phases: dict[str, float] = field(default_factory=dict)  # timing.PHASES -> seconds (exclusive)
     passes: int = 0  # forward passes of the layer over the calibration windows (stopped early or whole)
 
-    def timed(self, ph: timing.Phases, seconds: float) -> LayerReport:
-        """This report with the layer's total time and the phases measured around it (read and write included)."""
-        return replace(self, seconds=seconds, phases=ph.report(), passes=ph.counts.get("passes", 0))
+    def timed(self, ph: timing.Phases) -> LayerReport:
+        """This report with the time and phases measured around the layer (read and write included)."""
+        return replace(self, seconds=ph.total, phases=ph.report(), passes=ph.counts.get("passes", 0))
 
 
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, name: str,
@@ -155,16 +156,14 @@ def accumulate_xtx(H: torch.Tensor, x: torch.Tensor) -> None:
     """H += xᵀx for x [tokens, C], upper block triangle only (`symmetrize` fills the rest): blocks i <= j of a
     split into n <= 8 column blocks, (n+1)/2n of a full product's work (56% at 8; measured 0.61x of one addmm's
     time at C = 1536, 0.66x at 576, one thread)."""
-    edges = _blocks(x.shape[1])
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(_blocks(x.shape[1])):
         H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
 
 
 def symmetrize(H: torch.Tensor) -> torch.Tensor:
     """Copy the upper block triangle accumulated by accumulate_xtx into the lower one, in place, block by block
     (no C×C temporaries: at C = 28672 a mask alone would be 822 MB)."""
-    edges = _blocks(H.shape[0])
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(_blocks(H.shape[0])):
         H[b:, a:b].copy_(H[a:b, b:].t())
     return H
 
@@ -293,7 +292,7 @@ class _Replay:
     def start(self, recorded: dict[str, list]) -> None:
         """Replay, from now on, the blocks whose last linear's inputs were recorded (one per window)."""
         for blk, lin in self.spec.blocks:
-            if lin in recorded and recorded[lin]:
+            if recorded.get(lin):
                 self.inputs[blk] = [("in", x) for x in recorded[lin]]
                 mod = self.layer.get_submodule(blk)
                 mod.forward = self._forward(blk, self.layer.get_submodule(lin))
@@ -372,39 +371,33 @@ def error_windows(acts: Activations) -> int:
     return min(len(acts.inps), -(-ERR_TOKENS // per))
 
 
-def _pass(layer, acts: Activations, hooks: _HessianHooks | None, replay: _Replay | None = None,
-          full: int = 0, ref: list | None = None) -> None:  # fmt: skip
+def _pass(layer, acts: Activations, hooks: _HessianHooks, replay: _Replay | None = None, full: int = 0,
+          ref: list | None = None) -> None:  # fmt: skip
     """One pass of the layer over every window, for its hooks (stopped early). The first `full` windows run whole
     (timed as "error"): their outputs go to `ref`, and the replay's block check watches them."""
     timing.count("passes")
     for k, x in enumerate(acts.inps):
-        if hooks is not None:
-            hooks.new_window()
-            hooks.stop = k >= full
+        hooks.new_window()
+        hooks.stop = k >= full
         if replay is not None:
             replay.window = k
         whole = k < full
-        with timing.phase("error" if whole else "forward"), (replay.check() if whole and replay else _nothing()):
+        check = replay.check() if whole and replay else contextlib.nullcontext()
+        with timing.phase("error" if whole else "forward"), check:
             try:
                 y = _run_layer(layer, x, acts.args, acts.kwargs, acts.device)
                 if whole and ref is not None:
                     ref.append(y.to(acts.act_device))
             except _Stop as e:  # free the stopped pass's activations now, not at the next cyclic GC
                 traceback.clear_frames(e.__traceback__)
-    if hooks is not None:
-        hooks.new_window()
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
+    hooks.new_window()
 
 
 @torch.no_grad()
 def advance(layer, acts: Activations, ref_out: list | None = None, replay: _Replay | None = None,
             phase: str = "forward") -> float | None:  # fmt: skip
-    """Run the layer on every window (timed as `phase`); its outputs replace `acts.inps`. Returns ‖Y − ref‖/‖ref‖
-    over the windows that have a reference output."""
+    """Run the layer on every window (timed as `phase`); its outputs replace `acts.inps`. Returns
+    ‖Y − ref‖/‖ref‖ over the windows that have a reference output."""
     home = next(layer.parameters()).device
     layer.to(acts.device)
     timing.count("passes")
@@ -542,9 +535,8 @@ def gptq_model(model, plan: QuantPlan, calib: torch.Tensor, cfg: GPTQConfig | No
     bar = tqdm(range(len(layers)), desc="quantize (gptq)", unit="layer", disable=quiet)
     for i in bar:
         with timing.Phases(acts.device) as ph:
-            t0 = time.perf_counter()
             q, rep = gptq_layer(layers[i], i, spec, plan, cfg, acts)
-        rep = rep.timed(ph, time.perf_counter() - t0)
+        rep = rep.timed(ph)
         out |= q
         if reports is not None:
             reports.append(rep)

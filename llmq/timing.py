@@ -4,7 +4,7 @@
         with phase("forward"):
             ...                          # a forward hook inside may open phase("hessian"):
                                          # forward's clock pauses meanwhile, so phases never double-count
-    ph.seconds  -> {"forward": 7.9, "hessian": 2.8, ...}
+    ph.seconds  -> {"forward": 7.9, "hessian": 2.8, ...};  ph.total -> the context's own seconds
 
 `phase()` finds the active `Phases` through a context variable, so the pure functions (gptq, the clip search)
 time themselves without a timer argument, and cost nothing when none is active. On a GPU every boundary
@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import time
 from collections import defaultdict
+from typing import Self
 
 import torch
 
@@ -33,12 +34,15 @@ class Phases:
         self._stack: list[str] = []
         self._t = 0.0
         self._token = None
+        self.total = 0.0  # seconds from entering to leaving the context
 
-    def __enter__(self) -> Phases:
+    def __enter__(self) -> Self:
         self._token = _ACTIVE.set(self)
+        self._start = self._now()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.total = self._now() - self._start
         _ACTIVE.reset(self._token)
 
     def _now(self) -> float:
