@@ -10,6 +10,7 @@ left that loads as a complete model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -128,6 +129,12 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
     if req.device and req.device.startswith("cuda") and not torch.cuda.is_available():
         raise LlmqError(f"--device {req.device}: CUDA is not available on this machine; use --device cpu")
     src = sources.resolve(req.model)
+    with contextlib.ExitStack() as parsing:  # a .gguf header parsed once for config, tokenizer and weights
+        parsing.enter_context(sources.gguf_parsed_once(src))
+        return _convert(req, src, on_layer_done, parsing)
+
+
+def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: contextlib.ExitStack) -> dict:
     # bad input first, before anything slow (a .gguf's config alone takes seconds, its model minutes): the calibration
     # text (exists, decodes, not empty), the window length against the model's positions, then the architecture
     if req.calib is not None:
@@ -150,6 +157,7 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
             log.warning("no tokenizer saved: %s", why)
         calib = calibration_windows(req.calib, tokenizer, text) if req.calib is not None else None
         lazy = LazyModel(src, config, spec)
+        parsing.close()  # every read of the source's header is done
         plan, alloc, acts = _prepare(req, lazy, calib)
         t_load = time.perf_counter() - t0
         writer = CheckpointWriter(out, req.max_shard_size, first_part=prog.next_part)

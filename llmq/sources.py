@@ -5,6 +5,8 @@ with a one-line message.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import struct
@@ -114,6 +116,33 @@ def _gguf_context_length(path: Path) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def gguf_parsed_once(src: Source):
+    """Within the block, a .gguf source's header is parsed once. transformers parses the whole file anew for the
+    config, for the tokenizer and for the weights (~3 s each for SmolLM2's 49k-token vocabulary), and builds gguf's
+    tensor-name map once per module of the model (~400 times, ~4 s): here the reader is kept per path and the map
+    per (arch, layers). Both are read-only once built. Other sources: nothing changes."""
+    if src.kind != "gguf":
+        yield
+        return
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def cached_reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = cached_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def load_config(src: Source):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -139,11 +168,12 @@ def load_model(src: Source, dtype: torch.dtype = torch.float32):
     """(model, config) with weights in `dtype` on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(src)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
-    except OSError as e:
-        raise LlmqError(f"{src}: cannot load the weights: {str(e).splitlines()[0]}") from None
+    with gguf_parsed_once(src):
+        config = load_config(src)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
+        except OSError as e:
+            raise LlmqError(f"{src}: cannot load the weights: {str(e).splitlines()[0]}") from None
     return model.eval(), config
 
 
