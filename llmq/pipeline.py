@@ -36,6 +36,7 @@ from .algorithms.gptq import gptq
 from .algorithms.rtn import rtn
 from .archs import ArchSpec, arch_for, decoder_layers, quantizable_names, weight_of
 from .config import GPTQConfig, QuantPlan, QuantScheme
+from .dtypes import all_finite
 from .errors import LlmqError
 from .lazy import trim_heap
 from .qtensor import QuantizedWeight, RowSplitWeight
@@ -63,11 +64,15 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, na
                     cfg: GPTQConfig | None = None) -> QuantizedWeight | RowSplitWeight:  # fmt: skip
     """One linear by the plan: GPTQ with H, or RTN when H is None; a linear the plan splits by output row is
     quantized piece by piece (each piece's rows with its own scheme, the same H)."""
-    def one(Wp, scheme):
-        return rtn(Wp, scheme) if H is None else gptq(Wp, H, scheme, cfg or GPTQConfig(), name)
-
+    cfg = cfg or GPTQConfig()
     split = plan.row_splits.get(name)
-    return one(W, plan.scheme_for(name)) if split is None else RowSplitWeight.quantize(W, split, one)
+    if split is not None:  # every piece needs the whole H
+        return RowSplitWeight.quantize(W, split, lambda Wp, s: rtn(Wp, s) if H is None else gptq(Wp, H, s, cfg, name))
+    if H is None:
+        return rtn(W, plan.scheme_for(name))
+    handed = [H]
+    del H
+    return gptq(W, handed.pop(), plan.scheme_for(name), cfg, name)  # our reference handed over: gptq frees H early
 
 
 def linear_shapes(model) -> dict[str, tuple[int, int]]:
@@ -338,7 +343,7 @@ def start_activations(model, spec: ArchSpec, calib: torch.Tensor, device=None, a
 
 
 def check_finite(W: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         bad = (~torch.isfinite(W)).sum().item()
         raise LlmqError(f"{name}.weight has {bad} NaN/Inf value(s); the source checkpoint is damaged there. Repair "
                         "or re-download the model (llmq will not quantize non-finite weights)")  # fmt: skip

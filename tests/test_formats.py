@@ -4,7 +4,7 @@ import torch
 from llmq.algorithms.rtn import rtn
 from llmq.config import QuantScheme, scheme_from_name
 from llmq.errors import LlmqError
-from llmq.formats import grouping
+from llmq.formats import grid, grouping
 from llmq.formats.fp import FP4_CODEBOOK
 from llmq.formats.nf import NF2_CODEBOOK, NF3_CODEBOOK, NF4_CODEBOOK
 
@@ -160,6 +160,23 @@ def test_double_quant_cuts_scale_share_like_qlora():
     e_plain = (plain16.dequantize() - W).square().mean()
     e_dq = (dq.dequantize() - W).square().mean()
     assert e_dq < 1.05 * e_plain, (e_dq, e_plain)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_int_fake_quantize_is_decode_of_encode_bit_for_bit(bits, sym):
+    """The clip search's in-place quantize-dequantize must pick what the stored codes decode to: equal, not close
+    (weights far outside the shrunk range clip to both ends)."""
+    scheme = QuantScheme(bits=bits, sym=sym, group_size=64)
+    fmt = grid(scheme)
+    Wg = (randn(16, 4, 64, seed=bits) ** 3).contiguous()
+    scale, zero = fmt.find_params(Wg, None, scheme, shrink=0.6)
+    s, z = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
+    want = fmt.decode(fmt.encode(Wg, s, z, scheme), s, z, scheme)
+    got = fmt.quantize_dequantize(Wg, s, z, scheme)
+    assert torch.equal(got, want)
+    assert (want.abs() < Wg.abs()).any()  # some weights did clip
+    assert torch.equal(Wg, (randn(16, 4, 64, seed=bits) ** 3))  # the input is left alone
 
 
 def test_clip_search_lowers_error():

@@ -30,12 +30,14 @@ def search_params(
     w = keep.to(Wg.dtype) if col_weight is None else keep.to(Wg.dtype) * col_weight
     best_err = torch.full(Wg.shape[:2], float("inf"), device=Wg.device)
     best_scale, best_zero = g.find_params(Wg, mask, scheme)
+    # every candidate's parameters from one call (the group ranges, masked or not, reduced once): [n, Rs, G]
     n = int(round((1.0 - MIN_SHRINK) / STEP)) + 1
+    shrinks = torch.tensor([1.0 - i * STEP for i in range(n)], dtype=torch.float32, device=Wg.device)
+    scales, zeros = g.find_params(Wg, mask, scheme, shrink=shrinks.view(n, 1, 1))
     for i in range(n):
-        p = 1.0 - i * STEP
-        scale, zero = g.find_params(Wg, mask, scheme, shrink=p)
+        scale, zero = scales[i], None if zeros is None else zeros[i]
         s, z = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
-        d = g.decode(g.encode(Wg, s, z, scheme), s, z, scheme)  # a fresh tensor: the error is formed in place
+        d = g.quantize_dequantize(Wg, s, z, scheme)  # a fresh tensor: the error is formed in place
         err = d.sub_(Wg).square_().mul_(w).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

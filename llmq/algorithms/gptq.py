@@ -13,11 +13,13 @@ range, kept exact (fp16) — and, being exact, they still receive the error feed
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
 from ..config import PER_CHANNEL, PER_TENSOR, GPTQConfig, QuantScheme
+from ..dtypes import all_finite
 from ..errors import LlmqError
 from ..formats import grid, grouping, scales
 from ..qtensor import QuantizedWeight, check_block_shape
@@ -29,35 +31,26 @@ from .rtn import rtn
 log = logging.getLogger("llmq")
 
 
-def damped_inverse_cholesky(A: torch.Tensor, cfg: GPTQConfig, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """A = J·H·J, H in visiting order read backwards (J = the reversal), damped in place (the caller's copy):
-    -> (U, diag(H⁻¹)) with U upper-triangular, H⁻¹ = UᵀU, for H + λI, λ = damp·mean(diag H).
+def damped_cholesky(make_A, cfg: GPTQConfig, name: str = "") -> torch.Tensor:
+    """A = make_A() (a fresh C×C fp32 copy: J·H·J, H in visiting order read backwards, J the reversal), damped
+    in place with λ = damp·mean(diag A), factored in place: -> L, lower-triangular, L·Lᵀ = A + λI, in A's memory
+    (a column-major view).
 
-    With J·H·J = L'L'ᵀ (Cholesky): H = (J L' J)(J L' J)ᵀ, and J L' J is upper-triangular, so
-    H⁻¹ = UᵀU with U = (J L' J)⁻¹. One Cholesky and one triangular solve (in place); H⁻¹ itself is never
-    formed, and at most two C×C matrices besides A are alive at once (at C = 5632, a down_proj, each is
-    127 MB: the largest temporaries of a streamed conversion).
-
-    A Hessian that is not positive definite gets 10× the damping, up to cfg.max_damp_tries times (logged),
-    then an LlmqError: never a silent fallback to round-to-nearest."""
-    C = A.shape[0]
-    mean_diag = torch.diagonal(A).mean()
-    damp, added = cfg.damp, 0.0
+    A Hessian that is not positive definite gets 10× the damping, up to cfg.max_damp_tries times (logged), from a
+    fresh copy (a failed factorisation has overwritten A); then an LlmqError: never a silent fallback to
+    round-to-nearest."""
+    damp = cfg.damp
+    info = torch.zeros((), dtype=torch.int32)
     for attempt in range(cfg.max_damp_tries + 1):
-        A.diagonal().add_((damp - added) * mean_diag)
-        added = damp
-        L, info = torch.linalg.cholesky_ex(A)
+        # A is symmetric: its transposed view is the same matrix, column-major, which LAPACK factors in place
+        # (a row-major A is copied to a column-major temporary first: one more C×C matrix at the peak)
+        A = make_A().mT
+        A.diagonal().add_(damp * torch.diagonal(A).mean())
+        info = info.to(A.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
-            R = L.flip(0, 1)  # J L' J, upper-triangular
-            del L
-            U = torch.eye(C, dtype=R.dtype, device=R.device)
-            torch.linalg.solve_triangular(R, U, upper=True, out=U)  # U = R⁻¹, in place
-            del R
-            if torch.isfinite(U).all():
-                return U, U.square().sum(0)  # diag(UᵀU) = diag(H⁻¹)
-            raise LlmqError(f"{name or 'layer'}: the inverse Hessian overflowed; the calibration activations are "
-                            "degenerate (check the calibration text), or raise --damp")  # fmt: skip
-        del L
+            return A
+        del A
         if attempt < cfg.max_damp_tries:
             log.warning("%s: Hessian not positive definite with damp=%g; retrying with damp=%g", name or "layer",
                         damp, damp * 10)  # fmt: skip
@@ -68,6 +61,38 @@ def damped_inverse_cholesky(A: torch.Tensor, cfg: GPTQConfig, name: str = "") ->
     )
 
 
+def inverse_cholesky_upper(L: torch.Tensor, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """L from damped_cholesky (handed over: freed here once U is solved) -> (U, diag(H⁻¹)), U upper-triangular, H⁻¹ = UᵀU.
+
+    With J·H·J = L·Lᵀ: H = (J L J)(J L J)ᵀ, and J L J is upper-triangular, so H⁻¹ = UᵀU with U = (J L J)⁻¹ =
+    J L⁻¹ J: one triangular solve, then the matrix reversed in place (J M J of a contiguous matrix is its storage
+    read backwards). H⁻¹ itself is never formed, and with the factorisation in place at most two C×C matrices are
+    alive at once (at C = 5632, a down_proj, each is 127 MB; at C = 28672, 3.3 GB)."""
+    C = L.shape[0]
+    U = torch.eye(C, dtype=L.dtype, device=L.device)
+    torch.linalg.solve_triangular(L, U, upper=False, out=U)  # L⁻¹, lower
+    del L
+    _reverse_(U)
+    if not all_finite(U):
+        raise LlmqError(f"{name or 'layer'}: the inverse Hessian overflowed; the calibration activations are "
+                        "degenerate (check the calibration text), or raise --damp")  # fmt: skip
+    diag = torch.zeros(C, dtype=U.dtype, device=U.device)  # diag(UᵀU) = column sums of U², by row blocks
+    for r in range(0, C, 1024):
+        diag += U[r : r + 1024].square().sum(0)
+    return U, diag
+
+
+def _reverse_(x: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """Reverse a contiguous tensor's storage in place, a chunk from each end at a time (no full-size copy)."""
+    v = x.view(-1)
+    n = v.numel()
+    for i in range(0, n // 2, chunk):
+        k = min(chunk, n // 2 - i)
+        head = v[i : i + k].flip(0)
+        v[i : i + k] = v[n - i - k : n - i].flip(0)
+        v[n - i - k : n - i] = head
+
+
 def _block_bounds(C: int, block: int, group_len: int | None) -> list[int]:
     """Block boundaries: every `block` columns, and every group start so groups never straddle a block."""
     b = set(range(0, C, block)) | (set(range(0, C, group_len)) if group_len else set())
@@ -76,9 +101,10 @@ def _block_bounds(C: int, block: int, group_len: int | None) -> list[int]:
 
 def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
          name: str = "") -> QuantizedWeight:  # fmt: skip
-    """W [R, C] (out, in), H [C, C] = 2XXᵀ/n of the layer's inputs -> QuantizedWeight. Neither is modified
-    (a caller that passes H without keeping a reference lets it be freed early: it is the largest input)."""
-    if not torch.isfinite(H).all():
+    """W [R, C] (out, in), H [C, C] = 2XXᵀ/n of the layer's inputs -> QuantizedWeight. Neither is modified.
+    H is the largest input: a caller that hands over its only reference (``gptq(W, Hs.pop(k), ...)``; CPython
+    moves call arguments into the callee's frame) lets it be freed once factored."""
+    if not all_finite(H):
         raise LlmqError(f"{name or 'layer'}: the Hessian has NaN/Inf entries; the calibration activations overflowed")
     check_block_shape(tuple(W.shape), scheme, name)
     W = W.detach().to(torch.float32).clone()
@@ -93,11 +119,15 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     perm = torch.argsort(diagH, descending=True) if cfg.act_order else torch.arange(C, device=dev)
     with phase("cholesky"):
         rp = perm.flip(0)  # J·H_visiting·J is H indexed by the reversed visiting order: one copy
-        A = H[rp.unsqueeze(1), rp.unsqueeze(0)].to(torch.float32)
-        del H
-        A.diagonal()[dead[rp]] = 1
-        U, hinv_diag_p = damped_inverse_cholesky(A, cfg, name)
-        del A
+
+        def reversed_visiting() -> torch.Tensor:
+            A = H[rp.unsqueeze(1), rp.unsqueeze(0)].to(torch.float32)
+            A.diagonal()[dead[rp]] = 1
+            return A
+
+        factored = [damped_cholesky(reversed_visiting, cfg, name)]
+        del H, reversed_visiting  # H is freed here when the caller handed over its only reference
+        U, hinv_diag_p = inverse_cholesky_upper(factored.pop(), name)  # L handed over: freed inside, before U fills
         hinv_diag = torch.empty_like(hinv_diag_p)
         hinv_diag[perm] = hinv_diag_p
 
@@ -131,7 +161,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
                 else torch.zeros(C, dtype=torch.long)).tolist()  # fmt: skip
     codes = torch.zeros(R, C, dtype=torch.uint8, device=dev)
     kept = None if exact is None else torch.zeros(R, C, device=dev)  # exact values (outliers), visiting order
-    with phase("column_loop"):
+    with phase("column_loop"), _loop_threads(W.device, R):
         _column_loop(Wp, U, codes, scale, zero, eff, exact_p, kept, group_of, scheme, cfg, L if dynamic else None,
                      diagH[perm])  # fmt: skip
 
@@ -145,6 +175,25 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
             out = None if out is None else (out[0][:, inv], out[1][:, inv])
             return QuantizedWeight.build(codes, stored, zero, scheme, out)
         return QuantizedWeight.build(codes, stored, zero, scheme, out, perm if cfg.act_order else None)
+
+
+# below this many rows the column loop's per-column updates are too small to share between CPU threads: measured
+# (2 threads, 2-core EPYC) 576 rows gain nothing in wall time and burn twice the CPU; 1024 rows gain 1.25x
+LOOP_PARALLEL_ROWS = 1024
+
+
+@contextlib.contextmanager
+def _loop_threads(device: torch.device, rows: int):
+    """One CPU thread for the column loop of a matrix with few rows (the rest of GPTQ keeps them all)."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or rows >= LOOP_PARALLEL_ROWS or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _column_loop(Wp, U, codes, scale, zero, eff, exact_p, kept, group_of: list[int], scheme: QuantScheme, cfg: GPTQConfig,

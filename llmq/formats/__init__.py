@@ -7,6 +7,8 @@ grids), and the three functions every algorithm uses:
     find_params(Wg [Rs, G, L], mask, scheme, shrink) -> (scale [Rs, G], zero [Rs, G] or None)
     encode(W, scale, zero, scheme) -> codes uint8          decode(codes, scale, zero, scheme) -> W fp32
 
+and optionally fake_quantize(W, scale, zero, scheme) = decode(encode(W)) bit for bit, without the codes (in place).
+
 llama.cpp's block formats (q4_0 ... q6_k, formats/ggml.py) take the same three functions with an offset in place of
 the zero point, fix their own group size, and are stored as llama.cpp's block bytes.
 
@@ -37,10 +39,18 @@ class NumberFormat:
     decode: Callable
     help: str
     block: ggml.BlockType | None = None  # llama.cpp's block formats: stored as its block bytes (formats/ggml.py)
+    fake_quantize: Callable | None = None  # (W, scale, zero, scheme) -> decode(encode(W)), faster (in place)
 
     @property
     def default_bits(self) -> int:
         return self.bits[0]
+
+    def quantize_dequantize(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                            scheme) -> torch.Tensor:  # fmt: skip
+        """decode(encode(W)) as a new fp32 tensor, bit for bit; the clip search runs it for every candidate."""
+        if self.fake_quantize is not None:
+            return self.fake_quantize(W, scale, zero, scheme)
+        return self.decode(self.encode(W, scale, zero, scheme), scale, zero, scheme)
 
 
 FORMATS: dict[str, NumberFormat] = {}
@@ -79,7 +89,7 @@ def _absmax(name: str, book, help: str) -> NumberFormat:
 
 
 register(NumberFormat("int", (4, 2, 3, 8), None, True, integer.find_params, integer.encode, integer.decode,
-                      "uniform integer grid; --sym without zero points"))
+                      "uniform integer grid; --sym without zero points", fake_quantize=integer.fake_quantize))
 register(_absmax("nf4", nf.NF4, "NormalFloat codebook of 16 values (QLoRA)"))
 register(_absmax("nf3", nf.NF3, "NormalFloat codebook of 8 values"))
 register(_absmax("nf2", nf.NF2, "codebook -1, -1/4, 1/4, 1"))
