@@ -22,6 +22,7 @@ number of passes, and the relative output error ‖Y_q − Y‖/‖Y‖ on the f
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -67,12 +68,16 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, na
     cfg = cfg or GPTQConfig()
     split = plan.row_splits.get(name)
     if split is not None:  # every piece needs the whole H
-        return RowSplitWeight.quantize(W, split, lambda Wp, s: rtn(Wp, s) if H is None else gptq(Wp, H, s, cfg, name))
+        return RowSplitWeight.quantize(W, split, functools.partial(_quantize_rows, H=H, cfg=cfg, name=name))
     if H is None:
         return rtn(W, plan.scheme_for(name))
     handed = [H]
     del H
     return gptq(W, handed.pop(), plan.scheme_for(name), cfg, name)  # our reference handed over: gptq frees H early
+
+
+def _quantize_rows(Wp: torch.Tensor, scheme: QuantScheme, H: torch.Tensor | None, cfg: GPTQConfig, name: str):
+    return rtn(Wp, scheme) if H is None else gptq(Wp, H, scheme, cfg, name)
 
 
 def linear_shapes(model) -> dict[str, tuple[int, int]]:

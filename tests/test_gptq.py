@@ -115,3 +115,30 @@ def test_not_positive_definite_gets_more_damping_then_error(caplog):
 def test_nan_hessian_is_an_error():
     with pytest.raises(LlmqError, match="NaN"):
         gptq(torch.randn(4, 16), torch.full((16, 16), float("nan")), SCHEMES["int4"])
+
+
+def test_handed_over_hessian_is_freed_before_the_column_loop(layer, monkeypatch):
+    """The Hessian is the largest input (3.3 GB at a 70B down_proj): quantize_linear hands its only reference to
+    gptq, which frees it once factored, so the Cholesky factor and U are the only C×C matrices of the loop."""
+    import weakref
+
+    from llmq.algorithms import gptq as gptq_mod
+    from llmq.config import QuantPlan
+    from llmq.pipeline import quantize_linear
+
+    W, X, _ = layer
+    seen = {}
+    loop = gptq_mod._column_loop
+
+    def spy(*a, **k):
+        seen["alive"] = ref() is not None
+        return loop(*a, **k)
+
+    monkeypatch.setattr(gptq_mod, "_column_loop", spy)
+    Hs = {"h": 2 * X.t() @ X / X.shape[0]}
+    ref = weakref.ref(Hs["h"])
+    want = gptq(W, Hs["h"], SCHEMES["int4"]).dequantize()  # the caller keeps H here: same result
+    assert seen["alive"] is True
+    got = quantize_linear(W, Hs.pop("h"), QuantPlan(SCHEMES["int4"]), "x", GPTQConfig()).dequantize()
+    assert seen["alive"] is False and ref() is None
+    assert torch.equal(got, want)

@@ -31,10 +31,11 @@ from .rtn import rtn
 log = logging.getLogger("llmq")
 
 
-def damped_cholesky(make_A, cfg: GPTQConfig, name: str = "") -> torch.Tensor:
-    """A = make_A() (a fresh C×C fp32 copy: J·H·J, H in visiting order read backwards, J the reversal), damped
-    in place with λ = damp·mean(diag A), factored in place: -> L, lower-triangular, L·Lᵀ = A + λI, in A's memory
-    (a column-major view).
+def damped_cholesky(H: torch.Tensor, rp: torch.Tensor, dead: torch.Tensor, cfg: GPTQConfig,
+                    name: str = "") -> torch.Tensor:  # fmt: skip
+    """A = J·H·J (H in visiting order read backwards, J the reversal: H indexed by rp, the reversed visiting order;
+    one C×C fp32 copy, dead inputs' diagonal set to 1), damped in place with λ = damp·mean(diag A), factored in
+    place: -> L, lower-triangular, L·Lᵀ = A + λI, in A's memory (a column-major view). H is left alone.
 
     A Hessian that is not positive definite gets 10× the damping, up to cfg.max_damp_tries times (logged), from a
     fresh copy (a failed factorisation has overwritten A); then an LlmqError: never a silent fallback to
@@ -44,7 +45,8 @@ def damped_cholesky(make_A, cfg: GPTQConfig, name: str = "") -> torch.Tensor:
     for attempt in range(cfg.max_damp_tries + 1):
         # A is symmetric: its transposed view is the same matrix, column-major, which LAPACK factors in place
         # (a row-major A is copied to a column-major temporary first: one more C×C matrix at the peak)
-        A = make_A().mT
+        A = H[rp.unsqueeze(1), rp.unsqueeze(0)].to(torch.float32).mT
+        A.diagonal()[dead[rp]] = 1
         A.diagonal().add_(damp * torch.diagonal(A).mean())
         info = info.to(A.device)
         torch.linalg.cholesky_ex(A, out=(A, info))
@@ -118,15 +120,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig 
     dev = W.device
     perm = torch.argsort(diagH, descending=True) if cfg.act_order else torch.arange(C, device=dev)
     with phase("cholesky"):
-        rp = perm.flip(0)  # J·H_visiting·J is H indexed by the reversed visiting order: one copy
-
-        def reversed_visiting() -> torch.Tensor:
-            A = H[rp.unsqueeze(1), rp.unsqueeze(0)].to(torch.float32)
-            A.diagonal()[dead[rp]] = 1
-            return A
-
-        factored = [damped_cholesky(reversed_visiting, cfg, name)]
-        del H, reversed_visiting  # H is freed here when the caller handed over its only reference
+        factored = [damped_cholesky(H, perm.flip(0), dead, cfg, name)]
+        del H  # freed here when the caller handed over its only reference
         U, hinv_diag_p = inverse_cholesky_upper(factored.pop(), name)  # L handed over: freed inside, before U fills
         hinv_diag = torch.empty_like(hinv_diag_p)
         hinv_diag[perm] = hinv_diag_p
