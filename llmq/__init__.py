@@ -11,8 +11,9 @@ from .hf import LlmqConfig, compile_decoding
 from .modeling import fake_quantize, load_quantized, save_quantized
 from .nn import set_backend
 from .pipeline import quantize
+from .rotation import rotate_model
 from .exporters import export
 
 __all__ = ["__version__", "LlmqConfig", "QuantScheme", "GPTQConfig", "CalibConfig", "MixedConfig", "QuantPlan",
            "RowSplit", "QuantizedWeight", "RowSplitWeight", "LlmqError", "load_quantized", "save_quantized",
-           "fake_quantize", "quantize", "export", "set_backend", "compile_decoding"]  # fmt: skip
+           "fake_quantize", "quantize", "rotate_model", "export", "set_backend", "compile_decoding"]  # fmt: skip

@@ -26,6 +26,8 @@ from .config import (
 from .convert import ConvertRequest, convert
 from .dtypes import DTYPE_NAMES
 from .errors import LlmqError
+from .rotation import KINDS as ROTATIONS
+from .rotation import ROTATE_WHEN, RotationConfig
 from .eval.plots import plot_allocation, plot_layer
 from .eval.report import report
 from .eval.run import evaluate, print_record
@@ -114,7 +116,8 @@ def quantize_request(a) -> ConvertRequest:
     if a.gguf_recipe is not None and (a.format != "int" or a.bits is not None or a.group_size is not None):
         raise LlmqError("--gguf-recipe chooses every tensor's llama.cpp type; leave out --format/--bits/--group-size")
     return ConvertRequest(a.model, Path(a.out), a.method, scheme_from_args(a), gcfg, calib, mixed, a.gguf_recipe,
-                          a.dtype, a.max_shard_size, a.device, a.offload_activations, a.overwrite, a.quiet)  # fmt: skip
+                          a.dtype, a.max_shard_size, a.device, a.offload_activations, a.overwrite, a.quiet,
+                          RotationConfig(a.rotate, a.rotate_seed))  # fmt: skip
 
 
 def cmd_quantize(a) -> int:
@@ -233,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
              "llama-quantize gives it (with calibration: as with an importance matrix), chosen by RTN or GPTQ on that "
              "grid; export with `llmq export OUT FILE.gguf --to gguf`. Replaces --format/--bits/--group-size; "
              "--clip-search applies")  # fmt: skip
+    r = q.add_argument_group("rotation")
+    r.add_argument("--rotate", choices=ROTATIONS, default="none",
+                   help="fuse an orthogonal rotation of the residual stream (and one per attention head) into the "
+                        "weights before quantizing, so that no channel stands out (QuaRot/SpinQuant without online "
+                        "transforms): 'hadamard' (randomized Hadamard), 'random' (random orthogonal) or 'none' "
+                        "(default). The output is a plain model of the same architecture (norm weights folded, a tied "
+                        "head untied: V x H more in the file); Llama, Mistral, Qwen2 only. " + ROTATE_WHEN)
+    r.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default 0)")
     d = q.add_argument_group("devices")
     d.add_argument("--device", default=None, help="run the active layer on this device, e.g. cuda:0 (default cpu)")
     d.add_argument("--offload-activations", action="store_true",

@@ -45,6 +45,7 @@ from .pipeline import (
 )
 from .progress import Progress
 from .record import CheckpointRecord, ModuleRecord, complete_config, placeholder_config
+from .rotation import Rotation, RotationConfig
 from .summary import human_bytes, machine, model_card, peak_rss_mb, versions
 from .version import __version__
 
@@ -65,7 +66,9 @@ class ConvertRequest:
     (with calibration, as with an importance matrix), instead of `scheme`; its clip_search is kept. Block formats that
     do not fit a linear's rows get llama.cpp's fallback type.
     dtype: storage dtype of the tensors left in full precision. device: where the active layer runs
-    (offload_activations keeps the calibration activations on the CPU meanwhile).
+    (offload_activations keeps the calibration activations on the CPU meanwhile). rotate: an orthogonal rotation
+    fused into the weights as they are read, before anything else (rotation.py); the output is a plain model of the
+    same architecture (a tied head untied).
     """
 
     model: str
@@ -82,6 +85,7 @@ class ConvertRequest:
     offload_activations: bool = False
     overwrite: bool = False
     quiet: bool = False
+    rotate: RotationConfig = field(default_factory=RotationConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,7 +118,8 @@ class ConvertRequest:
                 "dtype": self.dtype, "max_shard_size": self.max_shard_size, "device": self.device, "llmq": __version__,
                 **({"target_bpw": m.target_bpw, "candidates": list(m.candidates)} if m else {}),
                 **({"granularity": "row"} if m and m.granularity == "row" else {}),
-                **({"gguf_recipe": self.gguf_recipe} if self.gguf_recipe else {})}  # fmt: skip
+                **({"gguf_recipe": self.gguf_recipe} if self.gguf_recipe else {}),
+                **({"rotate": dataclasses.asdict(self.rotate)} if self.rotate.active else {})}  # fmt: skip
 
 
 def _gptq_args(cfg: GPTQConfig | None) -> dict | None:
@@ -144,6 +149,7 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
         check_enough_text(text[0], req.calib)
     config = sources.load_config(src)
     spec = arch_for(config)
+    rotation = Rotation(req.rotate, config) if req.rotate.active else None  # an unsupported model: refused here
     if req.calib is not None:
         sources.check_seqlen(req.calib.seqlen, sources.config_positions(config))
     out = req.out
@@ -156,7 +162,7 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
         if tokenizer is None:
             log.warning("no tokenizer saved: %s", why)
         calib = calibration_windows(req.calib, tokenizer, text) if req.calib is not None else None
-        lazy = LazyModel(src, config, spec)
+        lazy = LazyModel(src, config, spec, rotation=rotation)
         parsing.close()  # every read of the source's header is done
         plan, alloc, acts = _prepare(req, lazy, calib)
         t_load = time.perf_counter() - t0
@@ -176,7 +182,8 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
         method = {"name": req.method, **({"gptq": dataclasses.asdict(req.gptq), "calibration": prog.args["calibration"]}
                                          if req.gptq else {}),
                   **({"mixed": mixed_precision.summary(alloc)} if alloc else {}),
-                  **({"gguf_recipe": req.gguf_recipe} if req.gguf_recipe else {})}  # fmt: skip
+                  **({"gguf_recipe": req.gguf_recipe} if req.gguf_recipe else {}),
+                  **({"rotation": rotation.record() | {"untied_head": lazy.head_from_embedding}} if rotation else {})}  # fmt: skip
         not_converted = [n for n in codec.linear_names(lazy.model) if n not in modules]
         record = CheckpointRecord.build(plan, modules, not_converted, method)
         cfg = record.model_config(lazy.model.config.to_dict(), req.dtype)

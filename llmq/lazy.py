@@ -27,14 +27,20 @@ from transformers import AutoModelForCausalLM
 from .archs import ArchSpec, decoder_layers
 from .checkpoint import read_index
 from .errors import LlmqError
+from .rotation import Rotation
 from .sources import Source, load_model
 
 log = logging.getLogger("llmq")
 
 
 class LazyModel:
-    def __init__(self, src: Source, config, spec: ArchSpec, dtype: torch.dtype = torch.float32):
-        self.src, self.spec, self.dtype = src, spec, dtype
+    """`rotation` (rotation.Rotation): fused into every tensor as it is read, so everything downstream (calibration,
+    sensitivity, RTN, GPTQ, the written checkpoint) sees the rotated model; a tied head becomes its own tensor."""
+
+    def __init__(self, src: Source, config, spec: ArchSpec, dtype: torch.dtype = torch.float32,
+                 rotation: Rotation | None = None):  # fmt: skip
+        self.src, self.spec, self.dtype, self.rotation = src, spec, dtype, rotation
+        self.head_from_embedding = False  # a tied head, untied for the rotation: made from the embedding table
         path = Path(src.path)
         if src.kind == "hub":
             path = self._snapshot(src.path)
@@ -44,6 +50,11 @@ class LazyModel:
         if not self.streamed:
             log.info("%s: not a safetensors checkpoint, loading it whole (no layer streaming)", src)
             self.model, _ = load_model(src, dtype)
+            if rotation is not None:  # resident: rotated once, whole
+                tied = rotation.untie(self.model)
+                for layer in decoder_layers(self.model, spec):
+                    rotation.layer(layer)
+                rotation.rest(self.model, head_from_embedding=tied)
             return
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -58,6 +69,8 @@ class LazyModel:
                    and not (tied and k.endswith("lm_head.weight"))]  # fmt: skip
         if missing:
             raise LlmqError(f"{self.dir}: tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
+        if rotation is not None:
+            self.head_from_embedding = rotation.untie(self.model)
 
     @staticmethod
     def _snapshot(repo: str) -> Path:
@@ -90,6 +103,14 @@ class LazyModel:
                      and (head or k not in head_names)]  # fmt: skip
             self._load(names, required=False, dtype=dtype)
             self.model.tie_weights()
+            if self.rotation is not None:  # fused into what was just read (every later load follows a release)
+                fresh = {n for n in names if not self.model.get_parameter(n).is_meta}
+                emb = next(n for n, p in self.model.named_parameters() if p is self.model.get_input_embeddings().weight)
+                build = head and (bool(head_names & fresh) or self.head_from_embedding)
+                if build and self.head_from_embedding and emb not in fresh:
+                    raise LlmqError("internal: an untied head is made from the unrotated embeddings; load them together")
+                self.rotation.rest(self.model, embedding=emb in fresh, head=build,
+                                   head_from_embedding=self.head_from_embedding)  # fmt: skip
 
     def release_rest(self) -> None:
         if self.streamed:
@@ -124,7 +145,10 @@ class LazyModel:
         layer = decoder_layers(self.model, self.spec)[i]
         if self.streamed:
             prefix = f"{self.spec.layers}.{i}."
-            self._load([prefix + k for k, v in layer.state_dict().items() if v.is_meta])
+            meta = [prefix + k for k, v in layer.state_dict().items() if v.is_meta]
+            self._load(meta)
+            if meta and self.rotation is not None:  # freshly read: rotated once (release() makes it meta again)
+                self.rotation.layer(layer)
         return layer
 
     def release(self, i: int) -> None:
