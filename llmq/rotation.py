@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .archs import arch_for, decoder_layers
 from .errors import LlmqError
 
 KINDS = ("none", "hadamard", "random")
@@ -224,8 +225,6 @@ def rotate_model(model, kind: str = "hadamard", seed: int = 0) -> Rotation | Non
     if not cfg.active:
         return None
     rot = Rotation(cfg, model.config)
-    from .archs import arch_for, decoder_layers
-
     tied = Rotation.untie(model)
     for layer in decoder_layers(model, arch_for(model.config)):
         rot.layer(layer)

@@ -18,7 +18,7 @@ LAYERS = [
     ["llmq.algorithms.outliers", "llmq.algorithms.clipping", "llmq.algorithms.params", "llmq.algorithms.rtn",
      "llmq.algorithms.gptq", "llmq.algorithms"],
     ["llmq.archs", "llmq.data", "llmq.calibration", "llmq.sources", "llmq.gguf_names", "llmq.recipes",
-     "llmq.gguf_pretokenizers"],
+     "llmq.gguf_pretokenizers", "llmq.rotation"],
     ["llmq.checkpoint", "llmq.record", "llmq.codec"],
     ["llmq.kernels", "llmq.kernels.layout", "llmq.kernels.dequant", "llmq.kernels.gemm", "llmq.kernels.skinny"],
     ["llmq.backends.reference", "llmq.backends.cpu", "llmq.backends.triton", "llmq.backends"],
