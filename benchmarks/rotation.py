@@ -108,7 +108,7 @@ def table(rows: list[dict], a, m) -> str:
         return sum(v) / len(v) if v else None
 
     md = [f"# Rotations fused before quantization on {Path(str(a.model or default_model())).name}", "",
-          machine_line(m), "", __doc__.split("Protocol")[1].split("\n\n")[0].strip().replace("\n", " "), "",
+          machine_line(m), "", "Protocol " + __doc__.split("Protocol ")[1].split("\n\n")[0].strip().replace("\n", " "), "",
           f"Full precision: {fp:.4f}; rotated (Hadamard) {by['fp hadamard']['perplexity']:.4f}, rotated (random) "
           f"{by['fp random']['perplexity']:.4f}: the fused model is the same model.", "",
           "Perplexity and its increase over full precision (GPTQ: the mean of the calibration draws, each draw in "
@@ -152,7 +152,15 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="substrings of config names to run")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON list of configs (a job)
     ap.add_argument("--out", default="rotation")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite the table from a results JSON")
     a = ap.parse_args()
+    if a.render:
+        payload = json.loads(Path(a.render).read_text())
+        a.draws = payload["protocol"]["draws"]
+        md, payload["summary"] = table(payload["rows"], a, payload["machine"])
+        for p in write_results(a.out, payload, md):
+            print("wrote", p)
+        return 0
     if a.worker:
         run(json.loads(Path(a.worker).read_text()), a)
         return 0

@@ -150,6 +150,9 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
     config = sources.load_config(src)
     spec = arch_for(config)
     rotation = Rotation(req.rotate, config) if req.rotate.active else None  # an unsupported model: refused here
+    if rotation is not None and req.method == "rtn":
+        log.warning("--rotate with RTN: on SmolLM2 this collapsed the model (int3 perplexity 21093 against 147 "
+                    "unrotated, benchmarks/results/rotation.md); use --method gptq with a rotation")  # fmt: skip
     if req.calib is not None:
         sources.check_seqlen(req.calib.seqlen, sources.config_positions(config))
     out = req.out
