@@ -26,8 +26,6 @@ from .config import (
 from .convert import ConvertRequest, convert
 from .dtypes import DTYPE_NAMES
 from .errors import LlmqError
-from .rotation import KINDS as ROTATIONS
-from .rotation import ROTATE_WHEN, RotationConfig
 from .eval.plots import plot_allocation, plot_layer
 from .eval.report import report
 from .eval.run import evaluate, print_record
@@ -35,6 +33,8 @@ from .exporters import TARGETS, export
 from .exporters.gguf import EMBEDDING_TYPES
 from .exporters.gguf import print_summary as print_gguf_summary
 from .inspect import inspect_dir, print_table
+from .rotation import KINDS as ROTATIONS
+from .rotation import ROTATE_WHEN, RotationConfig
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
 

@@ -51,10 +51,7 @@ class LazyModel:
             log.info("%s: not a safetensors checkpoint, loading it whole (no layer streaming)", src)
             self.model, _ = load_model(src, dtype)
             if rotation is not None:  # resident: rotated once, whole
-                tied = rotation.untie(self.model)
-                for layer in decoder_layers(self.model, spec):
-                    rotation.layer(layer)
-                rotation.rest(self.model, head_from_embedding=tied)
+                rotation.whole(self.model)
             return
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -42,8 +42,8 @@ SUPPORTED = ("llama", "mistral", "qwen2")
 _READERS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))  # fmt: skip
 _WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-_WHY = {"gpt2": "GPT-2's LayerNorm subtracts the mean and adds a bias, which do not commute with a rotation",
-        "opt": "OPT's LayerNorm subtracts the mean and adds a bias, which do not commute with a rotation"}  # fmt: skip
+_WHY = {mt: f"{name}'s LayerNorm subtracts the mean and adds a bias, which do not commute with a rotation"
+        for mt, name in (("gpt2", "GPT-2"), ("opt", "OPT"))}
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,14 @@ class Rotation:
         if embedding:
             _set(emb.weight, E @ self.Q)
 
+    def whole(self, model) -> bool:
+        """Fuse the rotations into every tensor of a resident model (as loaded); True when its head was tied."""
+        tied = self.untie(model)
+        for layer in decoder_layers(model, arch_for(model.config)):
+            self.layer(layer)
+        self.rest(model, head_from_embedding=tied)
+        return tied
+
     def record(self) -> dict:
         return {"kind": self.cfg.kind, "seed": self.cfg.seed}
 
@@ -227,8 +235,5 @@ def rotate_model(model, kind: str = "hadamard", seed: int = 0) -> Rotation | Non
     if not cfg.active:
         return None
     rot = Rotation(cfg, model.config)
-    tied = Rotation.untie(model)
-    for layer in decoder_layers(model, arch_for(model.config)):
-        rot.layer(layer)
-    rot.rest(model, head_from_embedding=tied)
+    rot.whole(model)
     return rot

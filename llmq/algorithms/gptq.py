@@ -41,14 +41,13 @@ def damped_cholesky(H: torch.Tensor, rp: torch.Tensor, dead: torch.Tensor, cfg: 
     fresh copy (a failed factorisation has overwritten A); then an LlmqError: never a silent fallback to
     round-to-nearest."""
     damp = cfg.damp
-    info = torch.zeros((), dtype=torch.int32)
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
     for attempt in range(cfg.max_damp_tries + 1):
         # A is symmetric: its transposed view is the same matrix, column-major, which LAPACK factors in place
         # (a row-major A is copied to a column-major temporary first: one more C×C matrix at the peak)
         A = H[rp.unsqueeze(1), rp.unsqueeze(0)].to(torch.float32).mT
         A.diagonal()[dead[rp]] = 1
         A.diagonal().add_(damp * torch.diagonal(A).mean())
-        info = info.to(A.device)
         torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
             return A
