@@ -5,7 +5,9 @@ import argparse
 import functools
 import json
 import logging
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from .config import (
 )
 from .convert import ConvertRequest, convert
 from .dtypes import DTYPE_NAMES
+from .distributed import DEFAULT_TIMEOUT_S
 from .errors import LlmqError
 from .eval.plots import plot_allocation, plot_layer
 from .eval.report import report
@@ -117,12 +120,12 @@ def quantize_request(a) -> ConvertRequest:
         raise LlmqError("--gguf-recipe chooses every tensor's llama.cpp type; leave out --format/--bits/--group-size")
     return ConvertRequest(a.model, Path(a.out), a.method, scheme_from_args(a), gcfg, calib, mixed, a.gguf_recipe,
                           a.dtype, a.max_shard_size, a.device, a.offload_activations, a.overwrite, a.quiet,
-                          RotationConfig(a.rotate, a.rotate_seed))  # fmt: skip
+                          RotationConfig(a.rotate, a.rotate_seed), a.dist_timeout)  # fmt: skip
 
 
 def cmd_quantize(a) -> int:
     summary = convert(quantize_request(a))
-    if a.json:
+    if a.json and summary:  # under torchrun only rank 0 has the summary
         print(json.dumps(summary, indent=2))
     return 0
 
@@ -244,10 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default). The output is a plain model of the same architecture (norm weights folded, a tied "
                         "head untied: V x H more in the file); Llama, Mistral, Qwen2 only. " + ROTATE_WHEN)
     r.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default 0)")
-    d = q.add_argument_group("devices")
-    d.add_argument("--device", default=None, help="run the active layer on this device, e.g. cuda:0 (default cpu)")
+    d = q.add_argument_group("devices and processes",
+                             "Several processes (GPUs, machines): launch with torchrun, e.g. `torchrun "
+                             "--nproc-per-node 8 -m llmq quantize MODEL OUT --method gptq --device cuda`. The "
+                             "calibration windows are split over the ranks, each linear's Hessian is summed onto the "
+                             "rank that solves it, and rank 0 writes OUT (docs/SCALE.md). Resumes with any number "
+                             "of processes.")  # fmt: skip
+    d.add_argument("--device", default=None,
+                   help="run the active layer on this device, e.g. cuda:0 (default cpu); under torchrun, 'cuda' "
+                        "gives each rank its own GPU (LOCAL_RANK)")  # fmt: skip
     d.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations on the CPU when the layer runs on a GPU")
+    d.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others (a solve, a collective) before it "
+                        f"gives up; a rank that dies fails the others at once (default {DEFAULT_TIMEOUT_S:g})")  # fmt: skip
     o = q.add_argument_group("output")
     o.add_argument("--dtype", choices=DTYPE_NAMES, default="float16",
                    help="storage dtype of the layers left in full precision (default float16)")
@@ -335,10 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stopped(signum, frame):
+    raise LlmqError(f"rank {os.environ.get('RANK', '?')}: stopped by SIGTERM (torchrun stops every rank when one "
+                    "fails: see its report above); finished layers are kept, rerun the same command to resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    quiet = getattr(a, "quiet", False)
+    ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    quiet = getattr(a, "quiet", False) or (ranked and os.environ.get("RANK", "0") != "0")
+    if ranked:  # torchrun stops the other ranks with SIGTERM when one fails: end as an error, not a bare kill
+        signal.signal(signal.SIGTERM, _stopped)
     logging.basicConfig(level=logging.INFO if not quiet else logging.WARNING, format="%(message)s")
     if quiet:  # transformers' own bars too: loading weights, and de-quantizing a .gguf (a plain tqdm there)
         transformers.utils.logging.disable_progress_bar()

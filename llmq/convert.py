@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from .calibration import calibration_windows, check_enough_text
 from .checkpoint import DEFAULT_MAX_SHARD, CheckpointWriter, atomic_write_json, atomic_write_text
 from .config import CalibConfig, GPTQConfig, MixedConfig, QuantPlan, QuantScheme
 from .data import load_text
+from .distributed import DEFAULT_TIMEOUT_S, World
 from .dtypes import DTYPES
 from .errors import LlmqError
 from .lazy import LazyModel
@@ -68,7 +69,8 @@ class ConvertRequest:
     dtype: storage dtype of the tensors left in full precision. device: where the active layer runs
     (offload_activations keeps the calibration activations on the CPU meanwhile). rotate: an orthogonal rotation
     fused into the weights as they are read, before anything else (rotation.py); the output is a plain model of the
-    same architecture (a tied head untied).
+    same architecture (a tied head untied). dist_timeout: seconds a rank of a distributed conversion (torchrun,
+    distributed.py) waits for the others before it gives up.
     """
 
     model: str
@@ -86,6 +88,7 @@ class ConvertRequest:
     overwrite: bool = False
     quiet: bool = False
     rotate: RotationConfig = field(default_factory=RotationConfig)
+    dist_timeout: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -133,13 +136,36 @@ def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = N
     once decoder layer i is on disk and recorded (tests use it to interrupt a conversion there)."""
     if req.device and req.device.startswith("cuda") and not torch.cuda.is_available():
         raise LlmqError(f"--device {req.device}: CUDA is not available on this machine; use --device cpu")
+    if req.dist_timeout <= 0:
+        raise LlmqError(f"--dist-timeout {req.dist_timeout:g}: give the seconds a rank waits for the others (> 0)")
     src = sources.resolve(req.model)
-    with contextlib.ExitStack() as parsing:  # a .gguf header parsed once for config, tokenizer and weights
-        parsing.enter_context(sources.gguf_parsed_once(src))
-        return _convert(req, src, on_layer_done, parsing)
+    world = World.from_env(req.device, req.dist_timeout)  # torchrun's ranks, or the single process
+    if not world.root:  # rank 0 reports; the others say only what goes wrong
+        req = dataclasses.replace(req, quiet=True)
+        logging.getLogger("llmq").setLevel(logging.ERROR)
+    try:
+        if req.calib is not None:
+            world.windows(req.calib.nsamples)  # every rank needs a window: said now, not after loading the model
+        with contextlib.ExitStack() as parsing:  # a .gguf header parsed once for config, tokenizer and weights
+            parsing.enter_context(sources.gguf_parsed_once(src))
+            return _convert(req, src, on_layer_done, parsing, world)
+    finally:
+        world.close()
 
 
-def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: contextlib.ExitStack) -> dict:
+def _open_output(req: ConvertRequest, src, config) -> Progress:
+    """The output dir, new or resumed, with a placeholder config.json that refuses to load until the end."""
+    prog = Progress.open(req.out, req.fingerprint_args(src), req.overwrite)
+    try:
+        atomic_write_json(req.out / "config.json", placeholder_config(config.to_dict()))
+    except BaseException as e:
+        _on_failure(req.out, prog, e)
+        raise
+    return prog
+
+
+def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: contextlib.ExitStack,
+             world: World) -> dict:  # fmt: skip
     # bad input first, before anything slow (a .gguf's config alone takes seconds, its model minutes): the calibration
     # text (exists, decodes, not empty), the window length against the model's positions, then the architecture
     if req.calib is not None:
@@ -156,30 +182,34 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
     if req.calib is not None:
         sources.check_seqlen(req.calib.seqlen, sources.config_positions(config))
     out = req.out
-    prog = Progress.open(out, req.fingerprint_args(src), req.overwrite)
+    # rank 0 owns the output dir (it need not be shared): the others learn which layers are finished from it
+    prog = world.from_root(lambda: _open_output(req, src, config))
     t0 = time.perf_counter()
     try:
-        # until the real config.json replaces it (last), the dir refuses to load, saying why, in every loader
-        atomic_write_json(out / "config.json", placeholder_config(config.to_dict()))
         tokenizer, why = sources.load_tokenizer(src)
         if tokenizer is None:
             log.warning("no tokenizer saved: %s", why)
         calib = calibration_windows(req.calib, tokenizer, text) if req.calib is not None else None
         lazy = LazyModel(src, config, spec, rotation=rotation)
         parsing.close()  # every read of the source's header is done
-        plan, alloc, acts = _prepare(req, lazy, calib)
+        plan, alloc, acts = _prepare(req, lazy, calib, world)
         t_load = time.perf_counter() - t0
-        writer = CheckpointWriter(out, req.max_shard_size, first_part=prog.next_part)
+        writer = CheckpointWriter(out, req.max_shard_size, first_part=prog.next_part) if world.root else None
         n_layers = len(decoder_layers(lazy.model, spec))
         bar = tqdm(range(n_layers), desc=f"quantize ({req.method})", unit="layer", disable=req.quiet)
         for i in bar:
             if i in prog.layers:  # finished before an interruption: only the activations move on
-                _skip_layer(req, lazy, i, plan, acts, prog)
+                _skip_layer(req, lazy, i, plan, acts, prog, world)
                 continue
-            rep = _convert_layer(req, lazy, i, plan, acts, writer, prog)
+            rep = _convert_layer(req, lazy, i, plan, acts, writer, prog, world)
             log_layer(rep, bar, req.quiet)
             if on_layer_done is not None:
                 on_layer_done(i)
+        ranks = world.gather({"rank": world.rank, "windows": len(acts.inps) if acts else 0,
+                              "peak_rss_mb": round(peak_rss_mb(), 1), "comm_bytes": world.bytes})  # fmt: skip
+        if not world.root:
+            world.barrier()  # until rank 0 has written everything: a failure there fails every rank
+            return {}
         modules = prog.modules()
         _write_rest(req, lazy, writer, modules, tokenizer)
         method = {"name": req.method, **({"gptq": dataclasses.asdict(req.gptq), "calibration": prog.args["calibration"]}
@@ -197,12 +227,16 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
         summary["quantize_time_s"] = round(sum(r["seconds"] for r in summary["layers"] if r), 2)
         summary["phases_s"] = _phase_totals(summary["layers"])
         summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if world.active:
+            summary["distributed"] = {"world_size": world.size, "backend": world.backend, "ranks": ranks}
         atomic_write_json(out / "summary.json", summary)
         atomic_write_text(out / "README.md", model_card(summary))
         writer.finish(cfg)  # shards renamed, index, then config.json last
         prog.finish()
+        world.barrier()
     except BaseException as e:
-        _on_failure(out, prog, e)
+        if world.root:
+            _on_failure(out, prog, e)
         raise
     if not req.quiet:
         print(f"quantized {len(modules)} linears of {src} with {req.method} {plan.default.describe()} in "
@@ -212,7 +246,7 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
     return summary
 
 
-def _prepare(req: ConvertRequest, lazy: LazyModel, calib):
+def _prepare(req: ConvertRequest, lazy: LazyModel, calib, world: World):
     """Before the layer loop: (plan, mixed-precision allocation or None, GPTQ activations or None)."""
     plan, alloc, acts = QuantPlan(req.scheme), None, None
     if req.mixed or req.gptq:
@@ -220,7 +254,7 @@ def _prepare(req: ConvertRequest, lazy: LazyModel, calib):
     if req.mixed:
         base = {"clip_search": req.scheme.clip_search, "scale_dtype": req.scheme.scale_dtype, "sym": req.scheme.sym}
         plan, alloc = mixed_precision.conversion_plan(lazy, calib, req.mixed, base, req.method, req.gptq, req.out,
-                                                      req.quiet)  # fmt: skip
+                                                      req.quiet, world)  # fmt: skip
     shapes = linear_shapes(lazy.model)
     if req.gguf_recipe:
         cfg, n = lazy.model.config, len(decoder_layers(lazy.model, lazy.spec))
@@ -230,16 +264,18 @@ def _prepare(req: ConvertRequest, lazy: LazyModel, calib):
                                    calibrated=calib is not None, clip_search=req.scheme.clip_search)  # fmt: skip
     plan = recipes.resolve_shapes(plan, shapes)[0]
     if req.gptq:
-        device = req.device or "cpu"
-        acts = start_activations(lazy.model, lazy.spec, calib, device, "cpu" if req.offload_activations else device)
+        device = world.local_device(req.device) or "cpu"
+        acts = start_activations(lazy.model, lazy.spec, calib, device, "cpu" if req.offload_activations else device,
+                                 world)  # fmt: skip
     lazy.release_rest()  # not needed again until they are written
     return plan, alloc, acts
 
 
-def _convert_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan, acts, writer: CheckpointWriter,
-                   prog: Progress) -> LayerReport:  # fmt: skip
-    """Quantize decoder layer i, write its part file(s), record it in the manifest, release it."""
+def _convert_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan, acts,
+                   writer: CheckpointWriter | None, prog: Progress, world: World) -> LayerReport:  # fmt: skip
+    """Quantize decoder layer i, write its part file(s), record it in the manifest (rank 0), release it."""
     spec = lazy.spec
+    sent = world.bytes
     with timing.Phases(acts.device if acts else None) as ph:
         with timing.phase("read"):
             layer = lazy.layer(i)
@@ -247,29 +283,33 @@ def _convert_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan
             q, rep = gptq_layer(layer, i, spec, plan, req.gptq, acts)
         else:
             with timing.phase("params"):
-                q = rtn_layer(layer, i, spec, plan)
+                q = rtn_layer(layer, i, spec, plan, world)
             rep = LayerReport(i, 0.0, None, {n: w.bits_per_weight() for n, w in q.items()})
-        with timing.phase("write"):
-            state = {f"{spec.layers}.{i}.{k}": v for k, v in layer.state_dict().items()}
-            first = len(writer.written)
-            writer.add(codec.stored_tensors(state, q, DTYPES[req.dtype]))
-            writer.flush()
-            del state
+        if writer is not None:
+            with timing.phase("write"):
+                state = {f"{spec.layers}.{i}.{k}": v for k, v in layer.state_dict().items()}
+                first = len(writer.written)
+                writer.add(codec.stored_tensors(state, q, DTYPES[req.dtype]))
+                writer.flush()
+                del state
         with timing.phase("read"):  # the source layer's memory back (counted with reading it)
             lazy.release(i)
-    rep = rep.timed(ph)
-    prog.layer_done(i, writer.written[first:], writer.next_part, {n: ModuleRecord.of(n, w) for n, w in q.items()},
-                    dataclasses.asdict(rep))  # fmt: skip
+    rep = replace(rep.timed(ph), comm_bytes=int(world.sum([float(world.bytes - sent)])[0]))
+    if writer is not None:
+        prog.layer_done(i, writer.written[first:], writer.next_part, {n: ModuleRecord.of(n, w) for n, w in q.items()},
+                        dataclasses.asdict(rep))  # fmt: skip
     return rep
 
 
-def _skip_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan, acts, prog: Progress) -> None:
+def _skip_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan, acts, prog: Progress,
+                world: World) -> None:  # fmt: skip
     """A layer finished before an interruption: GPTQ's activations still have to pass it, through the quantized
-    layer as it was written (or the fp one, with inputs="fp")."""
+    layer as it was written (or the fp one, with inputs="fp"); rank 0 reads it back for every rank."""
     layer = lazy.layer(i)
     if req.gptq:
         if req.gptq.inputs == "quantized":
-            install_dequantized(layer, i, lazy.spec, _read_layer(req.out, prog.layers[i]["parts"], prog.modules(i)))
+            q = world.from_root(lambda: _read_layer(req.out, prog.layers[i]["parts"], prog.modules(i)))
+            install_dequantized(layer, i, lazy.spec, q)
         advance(layer, acts)
     lazy.release(i)
 

@@ -20,6 +20,7 @@ from .allocate import allocate, allocate_rows, plan_for, row_plan
 from .archs import decoder_layers
 from .checkpoint import atomic_save_tensors, atomic_write_json
 from .config import DEFAULT_CANDIDATES, GPTQConfig, MixedConfig, scheme_from_name
+from .distributed import World
 from .sensitivity import SensitivityTable, layer_stats, sensitivity_table
 
 log = logging.getLogger("llmq")
@@ -40,30 +41,42 @@ def mixed_plan(model, calib, target_bpw: float, candidates: dict | None = None, 
     return plan_for(alloc.choice, table.schemes), alloc, table
 
 
+def _saved_table(path: Path, rows_path: Path, rows: bool) -> SensitivityTable | None:
+    """The table an interrupted conversion measured and kept in OUT, or None."""
+    if not (path.is_file() and (rows_path.is_file() or not rows)):
+        return None
+    table = SensitivityTable.from_dict(json.loads(path.read_text())["table"])
+    if rows:
+        table.row_damage = {}
+        for key, v in load_file(rows_path).items():
+            lin, _, scheme = key.rpartition("/")
+            table.row_damage.setdefault(lin, {})[scheme] = v
+    log.info("sensitivity: reusing %s", path)
+    return table
+
+
 def conversion_plan(lazy, calib, mixed: MixedConfig, base: dict, method: str, gcfg: GPTQConfig | None, out: Path,
-                    quiet: bool):  # fmt: skip
+                    quiet: bool, world: World | None = None):  # fmt: skip
     """The plan of a mixed-precision conversion of `lazy` (a lazy.LazyModel): (QuantPlan, allocation). `base`: the
-    scheme fields the candidate names leave out (clip_search, scale_dtype, sym)."""
+    scheme fields the candidate names leave out (clip_search, scale_dtype, sym). With a world, the windows and the
+    linears are split over the ranks (sensitivity.layer_stats), every rank gets the whole table, rank 0 keeps it."""
+    world = world or World()
     rows = mixed.granularity == "row"
     path, rows_path = out / SENSITIVITY_NAME, out / ROW_DAMAGE_NAME
-    if path.is_file() and (rows_path.is_file() or not rows):
-        table = SensitivityTable.from_dict(json.loads(path.read_text())["table"])
-        if rows:
-            table.row_damage = {}
-            for key, v in load_file(rows_path).items():
-                lin, _, scheme = key.rpartition("/")
-                table.row_damage.setdefault(lin, {})[scheme] = v
-        log.info("sensitivity: reusing %s", path)
-    else:
+    table = world.from_root(lambda: _saved_table(path, rows_path, rows))
+    if table is None:
         n = len(decoder_layers(lazy.model, lazy.spec))
         for i in range(n):
             lazy.layer(i)
-        stats = layer_stats(lazy.model, calib, quiet)
+        stats = layer_stats(lazy.model, calib, quiet, world=world)
         table = sensitivity_table(lazy.model, stats, mixed.schemes(**base), method, gcfg, quiet, rows=rows)
+        if world.active:
+            names = [f"{lazy.spec.layers}.{i}.{rel}" for i in range(n) for rel in lazy.spec.linears]
+            table = SensitivityTable.merge(world.gather(table), names)
         del stats
         for i in range(n):
             lazy.release(i)
-        if rows:  # before sensitivity.json: that file's presence means the measurement is complete
+        if rows and world.root:  # before sensitivity.json: that file's presence means the measurement is complete
             flat = {f"{lin}/{s}": d for lin, ds in table.row_damage.items() for s, d in ds.items()}
             atomic_save_tensors(rows_path, flat)
     if rows:
@@ -74,7 +87,8 @@ def conversion_plan(lazy, calib, mixed: MixedConfig, base: dict, method: str, gc
         alloc = allocate(table.damage, table.nbytes, table.weights, mixed.target_bpw)
         record = alloc.to_dict()
         plan = plan_for(alloc.choice, table.schemes)
-    atomic_write_json(path, {"target_bpw": mixed.target_bpw, "allocation": record, "table": table.to_dict()})
+    if world.root:
+        atomic_write_json(path, {"target_bpw": mixed.target_bpw, "allocation": record, "table": table.to_dict()})
     log.info("mixed precision: %.4f bits per weight (target %g), estimated loss increase %.4f nats; %s",
              alloc.bits_per_weight, mixed.target_bpw, alloc.damage, counts(alloc))  # fmt: skip
     return plan, alloc

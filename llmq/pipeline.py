@@ -37,6 +37,7 @@ from .algorithms.gptq import gptq
 from .algorithms.rtn import rtn
 from .archs import ArchSpec, arch_for, decoder_layers, quantizable_names, weight_of
 from .config import GPTQConfig, QuantPlan, QuantScheme
+from .distributed import World
 from .dtypes import all_finite
 from .errors import LlmqError
 from .lazy import trim_heap
@@ -55,6 +56,7 @@ class LayerReport:
     modules: dict[str, float] = field(default_factory=dict)  # name -> bits per weight
     phases: dict[str, float] = field(default_factory=dict)  # timing.PHASES -> seconds (exclusive)
     passes: int = 0  # forward passes of the layer over the calibration windows (stopped early or whole)
+    comm_bytes: int = 0  # bytes sent between ranks for this layer, all ranks together (distributed.py)
 
     def timed(self, ph: timing.Phases) -> LayerReport:
         """This report with the time and phases measured around the layer (read and write included)."""
@@ -84,6 +86,26 @@ def linear_shapes(model) -> dict[str, tuple[int, int]]:
     """[out, in] of every decoder linear llmq quantizes."""
     spec = arch_for(model.config)
     return {n: tuple(weight_of(model.get_submodule(n), spec).shape) for n in quantizable_names(model, spec)}
+
+
+def solve_owners(mods: dict[str, torch.nn.Module], spec: ArchSpec, world: World, gptq: bool = True) -> dict[str, int]:
+    """The rank that quantizes each of `mods`: by the cost of the solve, C³ + R·C² for GPTQ of W [R, C] (the
+    Cholesky and the column loop), R·C for RTN."""
+    shapes = {rel: weight_of(m, spec).shape for rel, m in mods.items()}
+    return world.owners({rel: float(C**3 + R * C * C if gptq else R * C) for rel, (R, C) in shapes.items()})
+
+
+def share_layer(layer, i: int, spec: ArchSpec, mine: dict[str, QuantizedWeight], owners: dict[str, int],
+                world: World) -> dict[str, QuantizedWeight]:  # fmt: skip
+    """Every linear of `owners` from its owner rank to all (in owners' order); the ones another rank quantized are
+    installed dequantized here, so every rank goes on with the same layer."""
+    if not world.active:
+        return mine
+    names = {f"{spec.layers}.{i}.{rel}": r for rel, r in owners.items()}
+    got = world.share(mine, names)  # parts live on the CPU (QuantizedWeight.build)
+    install_dequantized(layer, i, spec, {n: q for n, q in got.items() if n not in mine}, rels=[
+        rel for rel in owners if f"{spec.layers}.{i}.{rel}" not in mine])  # fmt: skip
+    return got
 
 
 def rtn_model(model, plan: QuantPlan, quiet: bool = False) -> dict[str, QuantizedWeight]:
@@ -229,17 +251,23 @@ class _HessianHooks:
 
         return hook
 
-    def hessians(self) -> dict[str, torch.Tensor]:
+    def hessians(self, world: World | None = None, owners: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
         """The accumulated H, scaled in place (no copies: at C = 5632 each is 127 MB); shared ones appear under
-        every linear that reads them."""
-        for n, H in self.H.items():
-            if n in self.alias:
-                continue
-            if H is None:
+        every linear that reads them. With a world: this rank's partial sums are added over the ranks onto the
+        owner(s) of each H's readers (`owners`: linear -> rank), and only this rank's linears are returned."""
+        world = world or World()
+        owners = owners or dict.fromkeys(self._names, world.rank)
+        keys = [n for n in self._names if n not in self.alias]
+        for n in keys:
+            if self.H[n] is None:
                 raise LlmqError(f"{n}: the layer never called this linear on the calibration windows; its model "
                                 "code does not match llmq's architecture table (llmq/archs.py)")  # fmt: skip
-            symmetrize(H).mul_(2.0 / max(self.count[n], 1))
-        return {n: self.H[self.alias.get(n, n)] for n in self._names}
+        counts = dict(zip(keys, world.sum([float(self.count[n]) for n in keys]))) if world.active else self.count
+        dests = {k: [owners[n] for n in self._names if self.alias.get(n, n) == k] for k in keys}
+        H = world.reduce({k: self.H.pop(k) for k in keys}, dests)
+        for k, h in H.items():
+            symmetrize(h).mul_(2.0 / max(counts[k], 1))
+        return {n: H[self.alias.get(n, n)] for n in self._names if owners[n] == world.rank}
 
     def remove(self):
         for h in self.handles:
@@ -337,14 +365,21 @@ class Activations:
     kwargs: dict
     device: torch.device
     act_device: torch.device | str = "cpu"
+    world: World = field(default_factory=World)
+    ids: list[int] | None = None  # the calibration windows `inps` are (indices into all ranks' windows); None: all
+    total: int | None = None  # windows over all ranks
 
 
-def start_activations(model, spec: ArchSpec, calib: torch.Tensor, device=None, act_device="cpu") -> Activations:
+def start_activations(model, spec: ArchSpec, calib: torch.Tensor, device=None, act_device="cpu",
+                      world: World | None = None) -> Activations:  # fmt: skip
+    """Layer 0's inputs for the calibration windows [N, L]; with a world, for this rank's share of them."""
     if calib is None:
         raise LlmqError("GPTQ needs calibration data: pass --calib PATH|NAME (token windows)")
+    world = world or World()
     device = torch.device(device) if device else torch.device("cpu")
-    inps, args, kwargs = capture_layer0_inputs(model, spec, calib, act_device)
-    return Activations(inps, _move(args, device), _move(kwargs, device), device, act_device)
+    ids = world.windows(len(calib))
+    inps, args, kwargs = capture_layer0_inputs(model, spec, calib[ids], act_device)
+    return Activations(inps, _move(args, device), _move(kwargs, device), device, act_device, world, ids, len(calib))
 
 
 def check_finite(W: torch.Tensor, name: str) -> None:
@@ -354,20 +389,26 @@ def check_finite(W: torch.Tensor, name: str) -> None:
                         "or re-download the model (llmq will not quantize non-finite weights)")  # fmt: skip
 
 
-def rtn_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan) -> dict[str, QuantizedWeight]:
+def rtn_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, world: World | None = None) -> dict[str, QuantizedWeight]:
+    """RTN of every linear of the layer; with a world, each rank quantizes its share and all get every result."""
+    world = world or World()
+    mods = {rel: layer.get_submodule(rel) for rel in spec.linears}
+    owners = solve_owners(mods, spec, world, gptq=False)
     out = {}
-    for rel in spec.linears:
+    for rel, mod in mods.items():
         name = f"{spec.layers}.{i}.{rel}"
-        W = weight_of(layer.get_submodule(rel), spec)
+        W = weight_of(mod, spec)
         check_finite(W, name)
-        out[name] = quantize_linear(W, None, plan, name)
-    return out
+        if owners[rel] == world.rank:
+            out[name] = quantize_linear(W, None, plan, name)
+    return share_layer(layer, i, spec, out, owners, world) if world.active else out
 
 
-def install_dequantized(layer, i: int, spec: ArchSpec, qweights: dict[str, QuantizedWeight]) -> None:
-    """Give the layer's linears their dequantized weights (what the next layer will see)."""
+def install_dequantized(layer, i: int, spec: ArchSpec, qweights: dict[str, QuantizedWeight],
+                        rels: list[str] | None = None) -> None:  # fmt: skip
+    """Give the layer's linears (`rels`, default all) their dequantized weights (what the next layer will see)."""
     with torch.no_grad():
-        for rel in spec.linears:
+        for rel in spec.linears if rels is None else rels:
             mod = layer.get_submodule(rel)
             Wq = qweights[f"{spec.layers}.{i}.{rel}"].dequantize(mod.weight.dtype).to(mod.weight.device)
             mod.weight.copy_(Wq.t() if spec.transposed else Wq)
@@ -378,7 +419,8 @@ def error_windows(acts: Activations) -> int:
     if not acts.inps:
         return 0
     per = max(1, acts.inps[0].shape[:-1].numel())
-    return min(len(acts.inps), -(-ERR_TOKENS // per))
+    k = -(-ERR_TOKENS // per)  # the first k windows of all ranks: a prefix of each rank's own (r, r + W, ...)
+    return len(acts.inps[:k]) if acts.ids is None else sum(1 for j in acts.ids[: len(acts.inps)] if j < k)
 
 
 def _pass(layer, acts: Activations, hooks: _HessianHooks, replay: _Replay | None = None, full: int = 0,
@@ -423,6 +465,8 @@ def advance(layer, acts: Activations, ref_out: list | None = None, replay: _Repl
                 den += ref_out[k].float().square().sum().item()
         acts.inps[k] = y
     layer.to(home)
+    if ref_out is not None:
+        num, den = acts.world.sum([num, den])
     return (num / den) ** 0.5 if den else None
 
 
@@ -456,12 +500,13 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
                 _pass(layer, acts, hooks, replay, full=error_windows(acts) if gi == 0 else 0, ref=ref_out)
             finally:
                 hooks.remove()
-            Hs = hooks.hessians()
+            owners = solve_owners(mods, spec, acts.world)
+            Hs = hooks.hessians(acts.world, owners)
             recorded = hooks.recorded
             with timing.phase("forward"):
                 trim_heap(collect=False)  # the pass's freed activations
             del hooks  # Hs is now the only reference: each H is freed as soon as its module is done
-            out |= _quantize_modules(i, spec, plan, cfg, mods, Hs)
+            out |= share_layer(layer, i, spec, _quantize_modules(i, spec, plan, cfg, mods, Hs), owners, acts.world)
             with timing.phase("params"):
                 trim_heap(collect=False)  # the group's freed H and GPTQ temporaries back to the OS
             done |= set(group)
@@ -514,9 +559,10 @@ def gptq_layer_fp(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfi
                 acts.inps[k] = _run_layer(layer, x, acts.args, acts.kwargs, acts.device).to(acts.act_device)
     finally:
         hooks.remove()
-    Hs = hooks.hessians()
+    owners = solve_owners(mods, spec, acts.world)
+    Hs = hooks.hessians(acts.world, owners)
     del hooks
-    out = _quantize_modules(i, spec, plan, cfg, mods, Hs)
+    out = share_layer(layer, i, spec, _quantize_modules(i, spec, plan, cfg, mods, Hs), owners, acts.world)
     err = advance(layer, sample, ref_out=acts.inps[: len(sample.inps)], phase="error")  # sample.inps: quantized outputs
     with timing.phase("forward"):
         trim_heap()

@@ -40,6 +40,7 @@ from .algorithms.gptq import gptq
 from .algorithms.rtn import rtn
 from .archs import arch_for, decoder_layers, weight_of
 from .config import GPTQConfig, QuantScheme
+from .distributed import World
 from .errors import LlmqError
 from .recipes import fitted
 
@@ -78,6 +79,19 @@ class SensitivityTable:
                 "damage": self.damage, "nbytes": self.nbytes}  # fmt: skip
 
     @classmethod
+    def merge(cls, parts: list[SensitivityTable], names: list[str]) -> SensitivityTable:
+        """One table from the tables of disjoint sets of linears (the ranks of a distributed run), in `names` order."""
+        t = cls(parts[0].schemes, method=parts[0].method, seconds=max(p.seconds for p in parts),
+                row_damage={} if parts[0].row_damage is not None else None)  # fmt: skip
+        owner = {n: p for p in parts for n in p.damage}
+        for n in names:
+            p = owner[n]
+            t.damage[n], t.nbytes[n], t.weights[n] = p.damage[n], p.nbytes[n], p.weights[n]
+            if t.row_damage is not None:
+                t.row_damage[n] = p.row_damage[n]
+        return t
+
+    @classmethod
     def from_dict(cls, d: dict) -> SensitivityTable:
         return cls({k: QuantScheme.from_dict(v) for k, v in d["schemes"].items()}, d["damage"], d["nbytes"],
                    d["weights"], d.get("method", "gptq"), d.get("seconds", 0.0))  # fmt: skip
@@ -87,11 +101,18 @@ FISHER = ("true", "empirical")
 
 
 def layer_stats(model, calib: torch.Tensor, quiet: bool = True, fisher: str = "true",
-                seed: int = 0) -> dict[str, LayerStats]:  # fmt: skip
+                seed: int = 0, world: World | None = None) -> dict[str, LayerStats]:  # fmt: skip
     """One forward + backward of next-token loss per calibration window [N, L] through the full-precision
     model; returns A and G for every quantizable linear (fp32, on the CPU). fisher="true": the loss of next
-    tokens drawn from the model's softmax (torch.Generator seeded with `seed`, window by window);
-    "empirical": the loss of the window's own next tokens."""
+    tokens drawn from the model's softmax (a torch.Generator seeded from `seed` and the window's index, so a window
+    draws the same tokens however the windows are split); "empirical": the loss of the window's own next tokens.
+
+    With a world (distributed.py), each rank runs its share of the windows and the sums of each linear are added
+    onto the rank that will measure it (`owners`, by the cost of its GPTQ solves): only that rank's linears are
+    returned."""
+    world = world or World()
+    ids = world.windows(len(calib)) if world.active else list(range(len(calib)))
+    calib = calib[ids]
     if fisher not in FISHER:
         raise LlmqError(f"fisher={fisher!r} is not known; use one of {', '.join(FISHER)}")
     spec = arch_for(model.config)
@@ -119,11 +140,12 @@ def layer_stats(model, calib: torch.Tensor, quiet: bool = True, fisher: str = "t
     was = [p.requires_grad for p in params]
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     emb = model.get_input_embeddings()
-    gen = torch.Generator(device=emb.weight.device).manual_seed(seed)
+    gen = torch.Generator(device=emb.weight.device)
     try:
         for p in params:
             p.requires_grad_(False)
-        for row in tqdm(calib, desc="sensitivity: gradients", unit="window", disable=quiet):
+        for k, row in zip(ids, tqdm(calib, desc="sensitivity: gradients", unit="window", disable=quiet)):
+            gen.manual_seed(seed * 1_000_003 + k)
             ids = row.unsqueeze(0).to(emb.weight.device)
             x = emb(ids).detach().requires_grad_(True)
             logits = model(inputs_embeds=x, use_cache=False).logits.float()[0, :-1]
@@ -138,6 +160,13 @@ def layer_stats(model, calib: torch.Tensor, quiet: bool = True, fisher: str = "t
     if missing:
         raise LlmqError(f"sensitivity: no gradient reached {missing[0]} (and {len(missing) - 1} more); is the "
                         "model's output independent of it?")  # fmt: skip
+    if world.active:
+        shapes = {n: weight_of(model.get_submodule(n), spec).shape for n in names}
+        mine = world.owners({n: float(C**3 + R * C * C) for n, (R, C) in shapes.items()})
+        count = dict(zip(names, world.sum([float(count[n]) for n in names])))
+        A = world.reduce(A, {n: [mine[n]] for n in names})
+        G = world.reduce(G, {n: [mine[n]] for n in names})
+        names = [n for n in names if mine[n] == world.rank]
     return {n: LayerStats(A[n].cpu() / count[n], G[n].cpu() / count[n]) for n in names}
 
 

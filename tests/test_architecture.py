@@ -23,7 +23,7 @@ LAYERS = [
     ["llmq.kernels", "llmq.kernels.layout", "llmq.kernels.dequant", "llmq.kernels.gemm", "llmq.kernels.skinny"],
     ["llmq.backends.reference", "llmq.backends.cpu", "llmq.backends.triton", "llmq.backends"],
     ["llmq.nn"],
-    ["llmq.lazy", "llmq.progress", "llmq.summary"],
+    ["llmq.lazy", "llmq.progress", "llmq.summary", "llmq.distributed"],
     ["llmq.pipeline", "llmq.sensitivity", "llmq.allocate", "llmq.mixed"],
     ["llmq.hf", "llmq.modeling"],
     ["llmq.exporters.common", "llmq.exporters.compressed_tensors", "llmq.exporters.gptq", "llmq.exporters.gguf",
