@@ -197,16 +197,21 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
         writer = CheckpointWriter(out, req.max_shard_size, first_part=prog.next_part) if world.root else None
         n_layers = len(decoder_layers(lazy.model, spec))
         bar = tqdm(range(n_layers), desc=f"quantize ({req.method})", unit="layer", disable=req.quiet)
+        mine: dict[str, float] = {}  # this rank's seconds per phase (each rank's in summary.json: the balance)
+        replays = 0
         for i in bar:
             if i in prog.layers:  # finished before an interruption: only the activations move on
                 _skip_layer(req, lazy, i, plan, acts, prog, world)
                 continue
             rep = _convert_layer(req, lazy, i, plan, acts, writer, prog, world)
+            mine = {p: round(mine.get(p, 0.0) + rep.phases.get(p, 0.0), 3) for p in mine | rep.phases}
+            replays += rep.replays
             log_layer(rep, bar, req.quiet)
             if on_layer_done is not None:
                 on_layer_done(i)
         ranks = world.gather({"rank": world.rank, "windows": len(acts.inps) if acts else 0,
-                              "peak_rss_mb": round(peak_rss_mb(), 1), "comm_bytes": world.bytes})  # fmt: skip
+                              "peak_rss_mb": round(peak_rss_mb(), 1), "comm_bytes": world.bytes, "phases_s": mine,
+                              "replays": replays})  # fmt: skip
         if not world.root:
             world.barrier()  # until rank 0 has written everything: a failure there fails every rank
             return {}

@@ -57,10 +57,12 @@ class LayerReport:
     phases: dict[str, float] = field(default_factory=dict)  # timing.PHASES -> seconds (exclusive)
     passes: int = 0  # forward passes of the layer over the calibration windows (stopped early or whole)
     comm_bytes: int = 0  # bytes sent between ranks for this layer, all ranks together (distributed.py)
+    replays: int = 0  # block forwards replayed from recorded inputs instead of recomputed (_Replay)
 
     def timed(self, ph: timing.Phases) -> LayerReport:
         """This report with the time and phases measured around the layer (read and write included)."""
-        return replace(self, seconds=ph.total, phases=ph.report(), passes=ph.counts.get("passes", 0))
+        return replace(self, seconds=ph.total, phases=ph.report(), passes=ph.counts.get("passes", 0),
+                       replays=ph.counts.get("replays", 0))  # fmt: skip
 
 
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, name: str,
@@ -340,6 +342,7 @@ class _Replay:
         run = type(lin).forward.__get__(lin)  # the linear's own forward, even when the block is the linear
 
         def forward(*args, **kwargs):
+            timing.count("replays")
             kind, t = self.inputs[blk][self.window]
             if kind == "in":
                 with torch.no_grad():
@@ -500,6 +503,9 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
                 _pass(layer, acts, hooks, replay, full=error_windows(acts) if gi == 0 else 0, ref=ref_out)
             finally:
                 hooks.remove()
+            if gi == 0 and acts.world.active:  # which blocks replay was seen on rank 0's whole windows (window 0 is
+                # its own): the others, with no error window, would recompute every block in every pass
+                replay.ok, replay.structure = acts.world.from_root(lambda: (replay.ok, replay.structure))
             owners = solve_owners(mods, spec, acts.world)
             Hs = hooks.hessians(acts.world, owners)
             recorded = hooks.recorded

@@ -112,7 +112,22 @@ def test_distributed_equals_single_process(setup, two_rank_run):
     assert dist["world_size"] == 2 and [r["windows"] for r in dist["ranks"]] == [4, 4]
     assert all(r["comm_bytes"] > 0 for r in s["layers"]) and all(r["peak_rss_mb"] > 0 for r in dist["ranks"])
     assert "comm" in s["phases_s"]
+    # every rank replays the finished blocks (rank 1 has no error window to find them on: rank 0 tells it)
+    assert dist["ranks"][0]["replays"] == dist["ranks"][1]["replays"] > 0
     assert not (d2 / "llmq_progress.json").exists() and not incomplete(d2)
+
+
+def test_every_rank_replays_finished_blocks(setup):
+    """Windows of 2048 tokens: only window 0 (rank 0's) is an error window, where the blocks that can be replayed are
+    found; rank 1 must learn them from rank 0 rather than recompute attention in every pass."""
+    root = setup
+    make_tiny("llama", vocab=300, num_hidden_layers=2, max_position_embeddings=2048).save_pretrained(root / "long")
+    make_tokenizer(300).save_pretrained(root / "long")
+    torchrun(2, root / "long", root / "long-2", "--method", "gptq", "--nsamples", "2", "--seqlen", "2048", "--quiet",
+             "--calib", root / "calib.txt")  # fmt: skip
+    ranks = json.loads((root / "long-2" / "summary.json").read_text())["distributed"]["ranks"]
+    assert [r["windows"] for r in ranks] == [1, 1]
+    assert ranks[0]["replays"] == ranks[1]["replays"] > 0
 
 
 def test_two_distributed_runs_are_bit_identical(setup, two_rank_run):
