@@ -181,7 +181,7 @@ class World:
             for name, r in owners.items():
                 box = [objs[name] if r == self.rank else None]
                 if r == self.rank:
-                    self.bytes += len(pickle.dumps(box[0], protocol=pickle.HIGHEST_PROTOCOL)) * (self.size - 1)
+                    self.bytes += _payload(box[0]) * (self.size - 1)
                 dist.broadcast_object_list(box, src=r, device=self._object_device)
                 out[name] = box[0]
         return out
@@ -266,6 +266,12 @@ def _first_line(e: BaseException) -> str:
 
 def _where() -> str:
     return f"MASTER_ADDR={os.environ.get('MASTER_ADDR', '?')} MASTER_PORT={os.environ.get('MASTER_PORT', '?')}"
+
+
+def _payload(obj) -> int:
+    """Bytes of a shared result: a quantized weight's stored bytes (pickling adds a few hundred), else its pickle."""
+    nbytes = getattr(obj, "nbytes", None)
+    return nbytes() if callable(nbytes) else len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -1,0 +1,178 @@
+"""Does a learned rotation (SpinQuant's Cayley optimisation) pay on top of the fused Hadamard one? An experiment.
+
+    python benchmarks/learned_rotation.py [--steps 100] [--lr 1.5] [--train-windows 8] [--train-seqlen 512]
+        [--schemes int3-g128] [--draws 0 1] [--out learned_rotation]
+
+SpinQuant (Liu et al. 2024) learns the residual-stream rotation R1 on calibration data: the loss is the next-token
+cross-entropy of the model whose linears are fake-quantized (here RTN, asymmetric min-max, straight-through
+gradients) after the rotation, and R1 stays orthogonal through Cayley SGD steps
+R <- (I + a/2 A)^-1 (I - a/2 A) R with A = G R^T - R G^T (G = dL/dR). Here: SmolLM2, fp32; first the randomized
+Hadamard rotation of `llmq.rotate_model` (norms folded), then R' (init I) learned on top of it: readers W R',
+writers R'^T W, embeddings and head rotated alike (not quantized). Training windows come from the second half of
+WikiText-2 test (draw seed 100, disjoint from the GPTQ calibration draws' seeds and from the evaluation half).
+Then R' is fused (float64) and the model is quantized and scored with benchmarks/rotation.py's protocol (GPTQ:
+the CLI's default recipe, 16 x 512 calibration, draws 0 and 1; RTN; 4 evaluation windows of 2048), beside the
+Hadamard-only and unrotated models, in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_model, machine, machine_line, write_results  # noqa: E402
+from rotation import SCHEMES  # noqa: E402
+
+READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+WRITERS = ("o_proj", "down_proj")
+
+
+def fake_quant(W: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """RTN min-max asymmetric per group of input columns, straight-through."""
+    R, C = W.shape
+    G = W.reshape(R, C // group, group)
+    mn, mx = G.amin(-1, keepdim=True), G.amax(-1, keepdim=True)
+    scale = (mx - mn).clamp(min=1e-8) / (2**bits - 1)
+    zero = torch.round(-mn / scale)
+    q = torch.clamp(torch.round(G / scale) + zero, 0, 2**bits - 1)
+    return W + ((q - zero) * scale).reshape(R, C).sub(W).detach()
+
+
+def rotated_params(model, R: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, p in model.named_parameters():
+        mod = n.rsplit(".", 2)[-2] if n.endswith(".weight") else ""
+        if mod in READERS:
+            out[n] = fake_quant(p @ R, bits, group)
+        elif mod in WRITERS:
+            out[n] = fake_quant(R.t() @ p, bits, group)
+        elif n.endswith("embed_tokens.weight") or n.endswith("lm_head.weight"):
+            out[n] = p @ R
+    return out
+
+
+def learn(model, windows: torch.Tensor, steps: int, lr: float, bits: int, group: int) -> tuple[torch.Tensor, list]:
+    from torch.func import functional_call
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = model.config.hidden_size
+    R = torch.eye(n, dtype=torch.float64)
+    I = torch.eye(n, dtype=torch.float64)
+    log = []
+    for step in range(steps):
+        ids = windows[step % len(windows)].unsqueeze(0)
+        Rg = R.to(torch.float32).requires_grad_(True)
+        logits = functional_call(model, rotated_params(model, Rg, bits, group), (ids,), {"use_cache": False}).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        loss.backward()
+        G = Rg.grad.to(torch.float64)
+        A = G @ R.t() - R @ G.t()
+        R = torch.linalg.solve(I + lr / 2 * A, (I - lr / 2 * A) @ R)
+        log.append(round(loss.item(), 4))
+        if step % 10 == 0 or step == steps - 1:
+            print(f"step {step}: loss {loss.item():.4f}, |R R^T - I| {float((R @ R.t() - I).abs().max()):.1e}",
+                  flush=True)  # fmt: skip
+    return R, log
+
+
+@torch.no_grad()
+def fuse(model, R: torch.Tensor) -> None:
+    for n, p in model.named_parameters():
+        mod = n.rsplit(".", 2)[-2] if n.endswith(".weight") else ""
+        if mod in READERS or n.endswith("embed_tokens.weight") or n.endswith("lm_head.weight"):
+            p.copy_((p.double() @ R).to(p.dtype))
+        elif mod in WRITERS:  # (Llama's writers have no bias)
+            p.copy_((R.t() @ p.double()).to(p.dtype))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1.5)
+    ap.add_argument("--train-windows", type=int, default=8)
+    ap.add_argument("--train-seqlen", type=int, default=512)
+    ap.add_argument("--train-bits", type=int, default=3)
+    ap.add_argument("--train-group", type=int, default=64, help="fake-quant group while learning (divides 576, 1536)")
+    ap.add_argument("--schemes", nargs="*", default=["int3-g128"])
+    ap.add_argument("--draws", type=int, nargs="*", default=[0, 1])
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--out", default="learned_rotation")
+    a = ap.parse_args()
+    from llmq import rotate_model, sources
+    from llmq.calibration import draw_windows, tokenize_text
+    from llmq.config import CalibConfig, GPTQConfig, QuantScheme
+    from llmq.data import load_text
+    from llmq.eval.perplexity import perplexity
+    from llmq.modeling import fake_quantize
+    from llmq.pipeline import quantize
+
+    m = machine()
+    src = sources.resolve(a.model or default_model())
+    fp, _ = sources.load_model(src)
+    tok, _ = sources.load_tokenizer(src)
+    tokens = tokenize_text(tok, load_text(None, "test")[0])
+    eval_tokens = tokens[: a.eval_windows * 2048]
+    had = copy.deepcopy(fp)
+    rotate_model(had, "hadamard", seed=0)
+    train = draw_windows(tokens, CalibConfig(nsamples=a.train_windows, seqlen=a.train_seqlen, seed=100,
+                                             split="test", token_range=(0.5, 1.0)))  # fmt: skip
+    t0 = time.perf_counter()
+    learned = copy.deepcopy(had)
+    R, losses = learn(learned, train, a.steps, a.lr, a.train_bits, a.train_group)
+    fuse(learned, R)
+    learn_s = time.perf_counter() - t0
+    models = {"none": fp, "hadamard": had, "learned": learned}
+    rows = [{"name": f"fp {k}", "perplexity": perplexity(mdl, eval_tokens, 2048)["perplexity"]} for k, mdl in models.items()]
+    print(rows, flush=True)
+    for scheme in a.schemes:
+        for method in ("rtn", "gptq"):
+            for rot, mdl in models.items():
+                for d in a.draws if method == "gptq" else [None]:
+                    q = copy.deepcopy(mdl)
+                    calib = None if d is None else draw_windows(tokens, CalibConfig(
+                        nsamples=a.nsamples, seqlen=a.seqlen, seed=d, split="test", token_range=(0.5, 1.0)))  # fmt: skip
+                    qs = QuantScheme(**SCHEMES[scheme], clip_search=method == "gptq")
+                    qw = quantize(q, qs, calib, method=method, gptq=GPTQConfig() if calib is not None else None)
+                    fake_quantize(q, qw)
+                    row = {"name": f"{method} {scheme} {rot}" + ("" if d is None else f" d{d}"),
+                           "perplexity": perplexity(q, eval_tokens, 2048)["perplexity"]}  # fmt: skip
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    del q, qw
+    by = {r["name"]: r["perplexity"] for r in rows}
+    f0 = by["fp none"]
+    md = ["# A learned rotation (SpinQuant's Cayley SGD) on top of the Hadamard one", "", machine_line(m), "",
+          " ".join(__doc__.split("\n\n")[1].split()), "",
+          f"Learning: {a.steps} steps, lr {a.lr}, {a.train_windows} x {a.train_seqlen} training tokens, int"
+          f"{a.train_bits} g{a.train_group} fake quantization: {learn_s / 60:.1f} min on this CPU; loss "
+          f"{losses[0]:.3f} -> {min(losses[-10:]):.3f} (last 10 steps' best).", "",
+          f"Full precision: none {f0:.4f}, Hadamard {by['fp hadamard']:.4f}, learned {by['fp learned']:.4f}.", "",
+          "| scheme | method | none | Hadamard | learned | learned excess / Hadamard excess |",
+          "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for scheme in a.schemes:
+        for method in ("rtn", "gptq"):
+            def mean(rot):
+                names = [f"{method} {scheme} {rot}"] if method == "rtn" else [f"{method} {scheme} {rot} d{d}" for d in a.draws]
+                return sum(by[n] for n in names) / len(names)
+
+            p = {rot: mean(rot) for rot in models}
+            md.append(f"| {scheme} | {method} | {p['none']:.3f} | {p['hadamard']:.3f} | {p['learned']:.3f} | "
+                      f"{(p['learned'] - f0) / (p['hadamard'] - f0):.2f} |")  # fmt: skip
+    payload = {"machine": m, "settings": vars(a), "learn_seconds": learn_s, "losses": losses, "rows": rows}
+    for p in write_results(a.out, payload, "\n".join(md) + "\n"):
+        print("wrote", p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
