@@ -190,16 +190,34 @@ def measure(a) -> dict:
 
 
 # ---- tables -----------------------------------------------------------------------------------
-def check_rows(synthetic: dict, dist: dict) -> tuple[list[str], float]:
-    """Model against measurement; returns the table lines and the CPU throughput (FLOP/s) the SmolLM2 one-process run
-    gives, used for every predicted CPU time."""
+DENSE = ("forward", "hessian", "error")  # phases the dense throughput covers
+SOLVE = ("cholesky", "column_loop", "clip_search", "params")  # phases the solve throughput covers
+
+
+def seconds(r: dict, phases: tuple[str, ...]) -> float:
+    return sum(r["phases_s"].get(p, 0.0) for p in phases)
+
+
+def check_rows(synthetic: dict, dist: dict) -> tuple[list[str], dict]:
+    """Model against measurement. The two CPU throughputs are calibrated on the one-process runs (dense: SmolLM2's
+    forward + Hessian + error phases; solve: the 8B layer's Cholesky + column loop + clip search + params phases);
+    the two-process runs are then predicted: rank 0's seconds without read / write, waiting (comm) included."""
     lines = ["| run | quantity | model | measured |", "| --- | --- | ---: | ---: |"]
     s = dist["settings"]
     tokens = s["nsamples"] * s["seqlen"]
-    one = dist["runs"]["1p"]
     f1 = flops(SMOLLM2, 1, tokens, s["seqlen"])
-    busy = sum(one["phases_s"].get(p, 0) for p in ("forward", "hessian", "cholesky", "column_loop", "error"))
-    theta = SMOLLM2.layers * sum(f1.values()) / busy
+    theta = {"dense": SMOLLM2.layers * (f1["forward"] + f1["hessian"]) / seconds(dist["runs"]["1p"], DENSE)}
+    sh = Shape(**synthetic["shape"]) if synthetic else None
+    if synthetic:
+        f8 = flops(sh, 1, synthetic["nsamples"] * synthetic["seqlen"], synthetic["seqlen"])
+        theta["solve"] = f8["solve"] / seconds(synthetic["runs"]["1p"], SOLVE)
+    else:
+        theta["solve"] = SMOLLM2.layers * f1["solve"] / seconds(dist["runs"]["1p"], SOLVE)
+
+    def predict(shape: Shape, W: int, tokens: int, seqlen: int) -> float:
+        f = flops(shape, W, tokens, seqlen)
+        return (f["forward"] + f["hessian"]) / theta["dense"] + f["solve"] / theta["solve"]
+
     for k, r in dist["runs"].items():
         W = r["procs"]
         per_layer = sum(r["comm_bytes_per_layer"]) / len(r["comm_bytes_per_layer"])
@@ -207,36 +225,30 @@ def check_rows(synthetic: dict, dist: dict) -> tuple[list[str], float]:
             c = comm_bytes(SMOLLM2, W)
             lines.append(f"| SmolLM2, {W} processes | bytes sent per layer (H + weights, no pickling) | "
                          f"{c['total'] / 1e6:.2f} MB | {per_layer / 1e6:.2f} MB |")  # fmt: skip
-        f = flops(SMOLLM2, W, tokens, s["seqlen"])
-        pred = SMOLLM2.layers * sum(f.values()) / theta
-        meas = sum(r["phases_s"].get(p, 0) for p in ("forward", "hessian", "cholesky", "column_loop", "error", "comm"))
-        lines.append(f"| SmolLM2, {W} process(es) | forward + Hessian + solve seconds, rank 0 | {pred:.0f} s | "
-                     f"{meas:.0f} s |")  # fmt: skip
+        pred = SMOLLM2.layers * predict(SMOLLM2, W, tokens, s["seqlen"])
+        meas = seconds(r, DENSE + SOLVE + ("comm",))
+        lines.append(f"| SmolLM2, {W} process{'es' if W > 1 else ''} | seconds, rank 0 (all but read / write) | "
+                     f"{pred:.0f} s | {meas:.0f} s |")  # fmt: skip
     if synthetic:
-        sh = Shape(**synthetic["shape"])
         tokens = synthetic["nsamples"] * synthetic["seqlen"]
         base = synthetic["baseline_rss_mb"] * 2**20
-        emb = sh.vocab * sh.hidden * 4
         for k, r in synthetic["runs"].items():
             W = r["procs"]
             m = memory(sh, W, tokens, synthetic["seqlen"])
-            pred = (base + max(m["total"], emb + m["activations"])) / 2**20
-            lines.append(f"| 8B layer, {W} process(es) | peak RSS per rank (baseline {synthetic['baseline_rss_mb']:.0f} "
-                         f"MB + layer + H + activations) | {pred:.0f} MB | "
-                         f"{', '.join(f'{x:.0f}' for x in r['peak_rss_mb'])} MB |")  # fmt: skip
+            lines.append(f"| 8B layer, {W} process{'es' if W > 1 else ''} | peak RSS per rank (baseline "
+                         f"{synthetic['baseline_rss_mb']:.0f} MB + layer + H + activations + window) | "
+                         f"{(base + m['total']) / 2**20:.0f} MB | {', '.join(f'{x:.0f}' for x in r['peak_rss_mb'])} MB |")  # fmt: skip
             if W > 1:
                 c = comm_bytes(sh, W)
                 lines.append(f"| 8B layer, {W} processes | bytes sent per layer | {c['total'] / 1e6:.1f} MB | "
                              f"{r['comm_bytes'] / 1e6:.1f} MB |")  # fmt: skip
-            f = flops(sh, W, tokens, synthetic["seqlen"])
-            meas = sum(r["phases_s"].get(p, 0) for p in ("forward", "hessian", "cholesky", "column_loop", "error",
-                                                          "comm"))  # fmt: skip
-            lines.append(f"| 8B layer, {W} process(es) | forward + Hessian + solve seconds, rank 0 | "
-                         f"{sum(f.values()) / theta:.0f} s | {meas:.0f} s |")  # fmt: skip
+            lines.append(f"| 8B layer, {W} process{'es' if W > 1 else ''} | seconds, rank 0 (all but read / write) | "
+                         f"{predict(sh, W, tokens, synthetic['seqlen']):.0f} s | "
+                         f"{seconds(r, DENSE + SOLVE + ('comm',)):.0f} s |")  # fmt: skip
     return lines, theta
 
 
-def projection_rows(gpu_flops: float, link: float, net: float, disk: float) -> list[str]:
+def projection_rows(gpu_flops: float, solve_flops: float, link: float, net: float, disk: float) -> list[str]:
     lines = ["| model | GPUs | per-rank working set (layer + H + activations) | fits 80 GB / 141 GB | H bytes per "
              "layer (all ranks) | comm per layer, NVLink / network | read per layer | compute per layer | whole "
              "model (one node) |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -246,7 +258,7 @@ def projection_rows(gpu_flops: float, link: float, net: float, disk: float) -> l
         m = memory(sh, W, tokens, L, act_bytes=4)
         c = comm_bytes(sh, W)
         f = flops(sh, W, tokens, L)
-        t_comp = sum(f.values()) / gpu_flops
+        t_comp = (f["forward"] + f["hessian"]) / gpu_flops + f["solve"] / solve_flops
         # the reduction passes through the owner's link one partial at a time; a broadcast is about one copy's time
         t_link, t_net = (c["hessians"] / bw + c["weights"] / (W - 1) / bw for bw in (link, net))
         fits = " / ".join("yes" if m["total"] < cap * GB * 0.9 else "no" for cap in (80, 141))
@@ -268,6 +280,9 @@ def main() -> int:
     ap.add_argument("--gpu-tflops", type=float, default=20.0,
                     help="assumed sustained fp32 TFLOP/s of one GPU on llmq's layer work (default 20: a third of an "
                          "H100's fp32 peak)")  # fmt: skip
+    ap.add_argument("--gpu-solve-tflops", type=float, default=5.0,
+                    help="assumed sustained TFLOP/s of the GPTQ solves on one GPU (default 5: Cholesky, triangular "
+                         "inverse and the blocked column loop run far below peak)")  # fmt: skip
     ap.add_argument("--nvlink-gbps", type=float, default=150.0, help="assumed GB/s into one GPU within a node")
     ap.add_argument("--net-gbps", type=float, default=25.0, help="assumed GB/s into one GPU across nodes")
     ap.add_argument("--disk-gbps", type=float, default=2.0, help="assumed GB/s reading the source checkpoint")
@@ -277,15 +292,19 @@ def main() -> int:
     dist = json.loads((RESULTS / "distributed.json").read_text())
     m = machine() if a.measure or not prev else prev["machine"]
     check, theta = check_rows(synthetic, dist)
-    proj = projection_rows(a.gpu_tflops * 1e12, a.nvlink_gbps * GB, a.net_gbps * GB, a.disk_gbps * GB)
+    proj = projection_rows(a.gpu_tflops * 1e12, a.gpu_solve_tflops * 1e12, a.nvlink_gbps * GB, a.net_gbps * GB,
+                           a.disk_gbps * GB)  # fmt: skip
     payload = {"machine": m, "synthetic": synthetic, "cpu_flops_per_s": theta,
-               "assumptions": {"gpu_tflops": a.gpu_tflops, "nvlink_gbps": a.nvlink_gbps, "net_gbps": a.net_gbps,
+               "assumptions": {"gpu_tflops": a.gpu_tflops, "gpu_solve_tflops": a.gpu_solve_tflops, "nvlink_gbps": a.nvlink_gbps, "net_gbps": a.net_gbps,
                                "disk_gbps": a.disk_gbps}}  # fmt: skip
     md = ["# Scale model: checked here, projected to Llama-3 8B / 70B / 405B", "", machine_line(m), "",
-          "The model (benchmarks/scale.py) against runs on this machine (one thread per process; CPU throughput "
-          f"calibrated on the SmolLM2 one-process run: {theta / 1e9:.0f} GFLOP/s):", "", *check, "",
+          "The model (benchmarks/scale.py) against runs on this machine (one thread per process). Its two CPU "
+          "throughputs come from the one-process runs — dense (forward passes, Hessian products) "
+          f"{theta['dense'] / 1e9:.0f} GFLOP/s from SmolLM2, solve (Cholesky + inverse ~C^3, column loop ~2RC^2, clip "
+          f"search and parameters with them) {theta['solve'] / 1e9:.0f} GFLOP/s from the 8B layer — and predict the "
+          "two-process runs:", "", *check, "",
           f"Projection: 8 GPUs, 128 x 2048 calibration tokens, fp32 layer work at an assumed {a.gpu_tflops:g} TFLOP/s "
-          f"per GPU, {a.nvlink_gbps:g} GB/s into a GPU within a node, {a.net_gbps:g} GB/s across nodes, {a.disk_gbps:g} "
+          f"per GPU for the dense work and {a.gpu_solve_tflops:g} for the solves, {a.nvlink_gbps:g} GB/s into a GPU within a node, {a.net_gbps:g} GB/s across nodes, {a.disk_gbps:g} "
           "GB/s from disk (assumed, not measured: no GPU here); bytes and memory are counted, not assumed:", "", *proj,
           ""]  # fmt: skip
     for p in write_results("scale", payload, "\n".join(md) + "\n"):

@@ -404,7 +404,7 @@ def rtn_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, world: World | Non
         check_finite(W, name)
         if owners[rel] == world.rank:
             out[name] = quantize_linear(W, None, plan, name)
-    return share_layer(layer, i, spec, out, owners, world) if world.active else out
+    return share_layer(layer, i, spec, out, owners, world)
 
 
 def install_dequantized(layer, i: int, spec: ArchSpec, qweights: dict[str, QuantizedWeight],
