@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -34,29 +30,18 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_model, machine, machine_line, write_results  # noqa: E402
-from gptq_speed import DATA, evaluate  # noqa: E402
+from gptq_speed import evaluate, timed_quantize  # noqa: E402
 
 
 def quantize(model: str, out: Path, procs: int, a) -> dict:
     launch = [sys.executable, "-m", "llmq"] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port", "29533",
         "-m", "llmq"]  # fmt: skip
-    cmd = [*launch, "quantize", model, str(out), "--method", "gptq", "--bits", "4", "--group-size", "128",
-           *shlex.split(a.flags), "--calib", str(DATA), "--calib-split", "test", "--calib-range", "0.5:1",
-           "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--quiet", "--overwrite"]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    print("$", " ".join(cmd), flush=True)
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, cwd=tempfile.gettempdir())
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    if status != 0:
-        raise SystemExit(f"quantize failed ({status}): {' '.join(cmd)}")
-    s = json.loads((out / "summary.json").read_text())
+    wall, cpu, s = timed_quantize(launch, model, out, 1, a)
     comm = [r.get("comm_bytes", 0) for r in s["layers"]]
     dist = s.get("distributed") or {"world_size": 1, "ranks": [{"rank": 0, "windows": a.nsamples,
                                                                 "peak_rss_mb": s["peak_rss_mb"], "comm_bytes": 0}]}  # fmt: skip
-    r = {"procs": procs, "wall_s": round(wall, 1), "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
+    r = {"procs": procs, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
          "quantize_time_s": s.get("quantize_time_s"), "load_time_s": s.get("load_time_s"),
          "phases_s": s.get("phases_s"), "comm_bytes_per_layer": comm, "ranks": dist["ranks"]}  # fmt: skip
     print(json.dumps({k: v for k, v in r.items() if k != "comm_bytes_per_layer"}), flush=True)

@@ -36,8 +36,10 @@ from common import default_model, machine, machine_line, write_results  # noqa: 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
 
 
-def quantize(python: str, model: str, out: Path, threads: int, a) -> dict:
-    cmd = [python, "-m", "llmq", "quantize", model, str(out), "--method", "gptq", "--bits", "4", "--group-size", "128",
+def timed_quantize(launch: list[str], model: str, out: Path, threads: int, a) -> tuple[float, float, dict]:
+    """`LAUNCH quantize MODEL OUT --method gptq --bits 4 --group-size 128 FLAGS` on the benchmark's calibration, with
+    `threads` torch threads per process: (wall s, CPU s of the process and its waited-for children, summary.json)."""
+    cmd = [*launch, "quantize", model, str(out), "--method", "gptq", "--bits", "4", "--group-size", "128",
            *shlex.split(a.flags), "--calib", str(DATA), "--calib-split", "test", "--calib-range", "0.5:1",
            "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--quiet", "--overwrite"]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -48,8 +50,12 @@ def quantize(python: str, model: str, out: Path, threads: int, a) -> dict:
     wall = time.perf_counter() - t
     if status != 0:
         raise SystemExit(f"quantize failed ({status}): {' '.join(cmd)}")
-    s = json.loads((out / "summary.json").read_text())
-    r = {"wall_s": round(wall, 1), "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "peak_rss_mb": s.get("peak_rss_mb"),
+    return wall, ru.ru_utime + ru.ru_stime, json.loads((out / "summary.json").read_text())
+
+
+def quantize(python: str, model: str, out: Path, threads: int, a) -> dict:
+    wall, cpu, s = timed_quantize([python, "-m", "llmq"], model, out, threads, a)
+    r = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": s.get("peak_rss_mb"),
          "quantize_time_s": s.get("quantize_time_s"), "phases_s": s.get("phases_s"),
          "passes_per_layer": [r.get("passes") for r in s["layers"]][:1], "llmq_version": s.get("llmq_version")}  # fmt: skip
     print(json.dumps(r), flush=True)

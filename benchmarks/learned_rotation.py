@@ -6,7 +6,8 @@
 SpinQuant (Liu et al. 2024) learns the residual-stream rotation R1 on calibration data: the loss is the next-token
 cross-entropy of the model whose linears are fake-quantized (here RTN, asymmetric min-max, straight-through
 gradients) after the rotation, and R1 stays orthogonal through Cayley SGD steps
-R <- (I + a/2 A)^-1 (I - a/2 A) R with A = G R^T - R G^T (G = dL/dR). Here: SmolLM2, fp32; first the randomized
+R <- (I + a/2 A)^-1 (I - a/2 A) R with A = G R^T - R G^T (G = dL/dR), normalised (|A|_F = 1: lr bounds the
+rotation per step; unnormalised steps of SpinQuant's lr 1.5 diverged here). Here: SmolLM2, fp32; first the randomized
 Hadamard rotation of `llmq.rotate_model` (norms folded), then R' (init I) learned on top of it: readers W R',
 writers R'^T W, embeddings and head rotated alike (not quantized). Training windows come from the second half of
 WikiText-2 test (draw seed 100, disjoint from the GPTQ calibration draws' seeds and from the evaluation half).
@@ -74,6 +75,7 @@ def learn(model, windows: torch.Tensor, steps: int, lr: float, bits: int, group:
         loss.backward()
         G = Rg.grad.to(torch.float64)
         A = G @ R.t() - R @ G.t()
+        A = A / A.norm().clamp(min=1e-12)  # a step of `lr` radians at most, whatever the gradient's scale
         R = torch.linalg.solve(I + lr / 2 * A, (I - lr / 2 * A) @ R)
         log.append(round(loss.item(), 4))
         if step % 10 == 0 or step == steps - 1:
@@ -96,7 +98,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1.5)
+    ap.add_argument("--lr", type=float, default=0.05, help="rotation per step (the skew generator normalised)")
     ap.add_argument("--train-windows", type=int, default=8)
     ap.add_argument("--train-seqlen", type=int, default=512)
     ap.add_argument("--train-bits", type=int, default=3)
