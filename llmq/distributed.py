@@ -74,6 +74,9 @@ class World:
 
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         cuda = bool(device) and device.startswith("cuda")
+        if cuda and device != "cuda":
+            raise LlmqError(f"--device {device} under torchrun would put every rank on one GPU; pass --device cuda: "
+                            "rank r then takes its node's GPU LOCAL_RANK")  # fmt: skip
         if cuda:
             if not torch.cuda.is_available():
                 raise LlmqError(f"--device {device}: CUDA is not available on this machine; use --device cpu")

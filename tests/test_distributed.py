@@ -221,6 +221,13 @@ def test_windows_are_strided_and_refused_when_too_few():
         World(rank=0, size=3).windows(2)
 
 
+def test_one_gpu_for_every_rank_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(LlmqError, match="pass --device cuda"):
+        World.from_env("cuda:0")
+
+
 def test_bad_distributed_input_is_refused_early(setup):
     with pytest.raises(LlmqError, match="--dist-timeout"):
         single(setup, "bad", "--dist-timeout", 0)
