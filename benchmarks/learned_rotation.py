@@ -45,17 +45,16 @@ def fake_quant(W: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return W + ((q - zero) * scale).reshape(R, C).sub(W).detach()
 
 
-def rotated_params(model, R: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
-    out = {}
+def rotated_params(model, R: torch.Tensor, fq=None):
+    """(name, tensor) of every parameter R changes, in R's dtype: readers W R, writers R^T W (fake-quantized by `fq`
+    when given), embeddings and head E R."""
     for n, p in model.named_parameters():
         mod = n.rsplit(".", 2)[-2] if n.endswith(".weight") else ""
-        if mod in READERS:
-            out[n] = fake_quant(p @ R, bits, group)
-        elif mod in WRITERS:
-            out[n] = fake_quant(R.t() @ p, bits, group)
+        if mod in READERS or mod in WRITERS:
+            w = p.to(R.dtype) @ R if mod in READERS else R.t() @ p.to(R.dtype)
+            yield n, fq(w) if fq else w
         elif n.endswith("embed_tokens.weight") or n.endswith("lm_head.weight"):
-            out[n] = p @ R
-    return out
+            yield n, p.to(R.dtype) @ R
 
 
 def learn(model, windows: torch.Tensor, steps: int, lr: float, bits: int, group: int) -> tuple[torch.Tensor, list]:
@@ -70,7 +69,8 @@ def learn(model, windows: torch.Tensor, steps: int, lr: float, bits: int, group:
     for step in range(steps):
         ids = windows[step % len(windows)].unsqueeze(0)
         Rg = R.to(torch.float32).requires_grad_(True)
-        logits = functional_call(model, rotated_params(model, Rg, bits, group), (ids,), {"use_cache": False}).logits
+        params = dict(rotated_params(model, Rg, lambda w: fake_quant(w, bits, group)))
+        logits = functional_call(model, params, (ids,), {"use_cache": False}).logits
         loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
         loss.backward()
         G = Rg.grad.to(torch.float64)
@@ -86,12 +86,10 @@ def learn(model, windows: torch.Tensor, steps: int, lr: float, bits: int, group:
 
 @torch.no_grad()
 def fuse(model, R: torch.Tensor) -> None:
-    for n, p in model.named_parameters():
-        mod = n.rsplit(".", 2)[-2] if n.endswith(".weight") else ""
-        if mod in READERS or n.endswith("embed_tokens.weight") or n.endswith("lm_head.weight"):
-            p.copy_((p.double() @ R).to(p.dtype))
-        elif mod in WRITERS:  # (Llama's writers have no bias)
-            p.copy_((R.t() @ p.double()).to(p.dtype))
+    """R into the weights, in float64, rounded once (Llama's writers have no bias)."""
+    for n, w in rotated_params(model, R):
+        p = model.get_parameter(n)
+        p.copy_(w.to(p.dtype))
 
 
 def main() -> int:

@@ -78,13 +78,14 @@ def packed_bytes(R: int, C: int, bits: int = 4, group: int = 128) -> int:
 
 def owners(shape: Shape, W: int) -> dict[str, int]:
     """distributed.World.owners for one layer (fresh loads): the owner rank of each linear, group by group."""
+    from llmq.algorithms.gptq import solve_cost
     from llmq.distributed import World
 
     w = World(rank=0, size=W)
     out = {}
     lin = shape.linears()
     for _, names in GROUPS:
-        out |= w.owners({n: float(lin[n][1] ** 3 + lin[n][0] * lin[n][1] ** 2) for n in names})
+        out |= w.owners({n: solve_cost(*lin[n]) for n in names})
     return out
 
 

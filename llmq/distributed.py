@@ -25,6 +25,7 @@ every method is the identity, nothing is communicated.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -241,25 +242,17 @@ class World:
     def _object_device(self):
         return self.device if self.backend == "nccl" else None
 
+    @contextlib.contextmanager
     def _guard(self, what: str):
-        return _Guard(self, what)
-
-
-class _Guard:
-    """A failed collective (a peer gone, the timeout) as WorldLost, naming this rank and what to do."""
-
-    def __init__(self, world: World, what: str):
-        self.world, self.what = world, what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, typ, e, tb):
-        if e is None or isinstance(e, LlmqError) or not isinstance(e, RuntimeError):
-            return False
-        raise WorldLost(f"rank {self.world.rank} of {self.world.size}: {self.what} failed ({_first_line(e)}): another "
-                        f"rank died, raised or did not answer within --dist-timeout {self.world.timeout_s:g}s. "
-                        "Finished layers are kept; rerun the same command (any number of processes) to resume") from None  # fmt: skip
+        """A failed collective (a peer gone, the timeout) as WorldLost, naming this rank and what to do."""
+        try:
+            yield
+        except LlmqError:
+            raise
+        except RuntimeError as e:  # torch.distributed's errors (DistBackendError included)
+            raise WorldLost(f"rank {self.rank} of {self.size}: {what} failed ({_first_line(e)}): another rank died, "
+                            f"raised or did not answer within --dist-timeout {self.timeout_s:g}s. Finished layers are "
+                            "kept; rerun the same command (any number of processes) to resume") from None  # fmt: skip
 
 
 def _first_line(e: BaseException) -> str:

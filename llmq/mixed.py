@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from .allocate import allocate, allocate_rows, plan_for, row_plan
-from .archs import decoder_layers
+from .archs import decoder_layers, quantizable_names
 from .checkpoint import atomic_save_tensors, atomic_write_json
 from .config import DEFAULT_CANDIDATES, GPTQConfig, MixedConfig, scheme_from_name
 from .distributed import World
@@ -71,8 +71,7 @@ def conversion_plan(lazy, calib, mixed: MixedConfig, base: dict, method: str, gc
         stats = layer_stats(lazy.model, calib, quiet, world=world)
         table = sensitivity_table(lazy.model, stats, mixed.schemes(**base), method, gcfg, quiet, rows=rows)
         if world.active:
-            names = [f"{lazy.spec.layers}.{i}.{rel}" for i in range(n) for rel in lazy.spec.linears]
-            table = SensitivityTable.merge(world.gather(table), names)
+            table = SensitivityTable.merge(world.gather(table), quantizable_names(lazy.model, lazy.spec))
         del stats
         for i in range(n):
             lazy.release(i)

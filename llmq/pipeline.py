@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import timing
-from .algorithms.gptq import gptq
+from .algorithms.gptq import gptq, solve_cost
 from .algorithms.rtn import rtn
 from .archs import ArchSpec, arch_for, decoder_layers, quantizable_names, weight_of
 from .config import GPTQConfig, QuantPlan, QuantScheme
@@ -94,19 +94,19 @@ def solve_owners(mods: dict[str, torch.nn.Module], spec: ArchSpec, world: World,
     """The rank that quantizes each of `mods`: by the cost of the solve, C³ + R·C² for GPTQ of W [R, C] (the
     Cholesky and the column loop), R·C for RTN."""
     shapes = {rel: weight_of(m, spec).shape for rel, m in mods.items()}
-    return world.owners({rel: float(C**3 + R * C * C if gptq else R * C) for rel, (R, C) in shapes.items()})
+    return world.owners({rel: solve_cost(R, C) if gptq else float(R * C) for rel, (R, C) in shapes.items()})
 
 
 def share_layer(layer, i: int, spec: ArchSpec, mine: dict[str, QuantizedWeight], owners: dict[str, int],
-                world: World) -> dict[str, QuantizedWeight]:  # fmt: skip
-    """Every linear of `owners` from its owner rank to all (in owners' order); the ones another rank quantized are
-    installed dequantized here, so every rank goes on with the same layer."""
+                world: World, install: bool = True) -> dict[str, QuantizedWeight]:  # fmt: skip
+    """Every linear of `owners` from its owner rank to all (in owners' order). With `install`, the ones another rank
+    quantized are installed dequantized here (the owner installed its own), so every rank goes on with the same
+    layer."""
     if not world.active:
         return mine
-    names = {f"{spec.layers}.{i}.{rel}": r for rel, r in owners.items()}
-    got = world.share(mine, names)  # parts live on the CPU (QuantizedWeight.build)
-    install_dequantized(layer, i, spec, {n: q for n, q in got.items() if n not in mine}, rels=[
-        rel for rel in owners if f"{spec.layers}.{i}.{rel}" not in mine])  # fmt: skip
+    got = world.share(mine, {f"{spec.layers}.{i}.{rel}": r for rel, r in owners.items()})  # parts on the CPU
+    if install:
+        install_dequantized(layer, i, spec, got, rels=[r for r in owners if f"{spec.layers}.{i}.{r}" not in mine])
     return got
 
 
@@ -264,7 +264,7 @@ class _HessianHooks:
             if self.H[n] is None:
                 raise LlmqError(f"{n}: the layer never called this linear on the calibration windows; its model "
                                 "code does not match llmq's architecture table (llmq/archs.py)")  # fmt: skip
-        counts = dict(zip(keys, world.sum([float(self.count[n]) for n in keys]))) if world.active else self.count
+        counts = dict(zip(keys, world.sum([float(self.count[n]) for n in keys])))
         dests = {k: [owners[n] for n in self._names if self.alias.get(n, n) == k] for k in keys}
         H = world.reduce({k: self.H.pop(k) for k in keys}, dests)
         for k, h in H.items():
@@ -404,7 +404,7 @@ def rtn_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, world: World | Non
         check_finite(W, name)
         if owners[rel] == world.rank:
             out[name] = quantize_linear(W, None, plan, name)
-    return share_layer(layer, i, spec, out, owners, world)
+    return share_layer(layer, i, spec, out, owners, world, install=False)  # RTN: nothing runs through the layer
 
 
 def install_dequantized(layer, i: int, spec: ArchSpec, qweights: dict[str, QuantizedWeight],
@@ -503,8 +503,8 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig, 
                 _pass(layer, acts, hooks, replay, full=error_windows(acts) if gi == 0 else 0, ref=ref_out)
             finally:
                 hooks.remove()
-            if gi == 0 and acts.world.active:  # which blocks replay was seen on rank 0's whole windows (window 0 is
-                # its own): the others, with no error window, would recompute every block in every pass
+            if gi == 0:  # which blocks replay was seen on rank 0's whole windows (window 0 is its own): the other
+                # ranks, with no error window, would recompute every block in every pass
                 replay.ok, replay.structure = acts.world.from_root(lambda: (replay.ok, replay.structure))
             owners = solve_owners(mods, spec, acts.world)
             Hs = hooks.hessians(acts.world, owners)

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .algorithms.gptq import gptq
+from .algorithms.gptq import gptq, solve_cost
 from .algorithms.rtn import rtn
-from .archs import arch_for, decoder_layers, weight_of
+from .archs import arch_for, quantizable_names, weight_of
 from .config import GPTQConfig, QuantScheme
 from .distributed import World
 from .errors import LlmqError
@@ -111,13 +111,12 @@ def layer_stats(model, calib: torch.Tensor, quiet: bool = True, fisher: str = "t
     onto the rank that will measure it (`owners`, by the cost of its GPTQ solves): only that rank's linears are
     returned."""
     world = world or World()
-    ids = world.windows(len(calib)) if world.active else list(range(len(calib)))
+    ids = world.windows(len(calib))
     calib = calib[ids]
     if fisher not in FISHER:
         raise LlmqError(f"fisher={fisher!r} is not known; use one of {', '.join(FISHER)}")
     spec = arch_for(model.config)
-    n_layers = len(decoder_layers(model, spec))
-    names = [f"{spec.layers}.{i}.{rel}" for i in range(n_layers) for rel in spec.linears]
+    names = quantizable_names(model, spec)
     A: dict[str, torch.Tensor] = {}
     G: dict[str, torch.Tensor] = {}
     count = {n: 0 for n in names}
@@ -162,7 +161,7 @@ def layer_stats(model, calib: torch.Tensor, quiet: bool = True, fisher: str = "t
                         "model's output independent of it?")  # fmt: skip
     if world.active:
         shapes = {n: weight_of(model.get_submodule(n), spec).shape for n in names}
-        mine = world.owners({n: float(C**3 + R * C * C) for n, (R, C) in shapes.items()})
+        mine = world.owners({n: solve_cost(R, C) for n, (R, C) in shapes.items()})
         count = dict(zip(names, world.sum([float(count[n]) for n in names])))
         A = world.reduce(A, {n: [mine[n]] for n in names})
         G = world.reduce(G, {n: [mine[n]] for n in names})

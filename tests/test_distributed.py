@@ -183,10 +183,11 @@ def test_hung_rank_times_out(setup):
         p1.wait()
 
 
-@pytest.mark.parametrize("flags", [["--gptq-inputs", "fp"], ["--target-bpw", "3.5"]], ids=["fp-inputs", "mixed"])
-def test_fp_inputs_and_mixed_precision_distributed(setup, flags):
-    """GPTQ from fp inputs, and mixed precision (its sensitivity sums split over the ranks): the 2-process checkpoint
-    holds the same tensors as one process's, with the same allocation."""
+@pytest.mark.parametrize("flags", [["--gptq-inputs", "fp"], ["--target-bpw", "3.5"], ["--method", "rtn"]],
+                         ids=["fp-inputs", "mixed", "rtn"])  # fmt: skip
+def test_fp_inputs_mixed_precision_and_rtn_distributed(setup, flags):
+    """GPTQ from fp inputs, mixed precision (its sensitivity sums split over the ranks) and RTN (linears split): the
+    2-process checkpoint holds the same tensors as one process's, with the same allocation."""
     root = setup
     name = "-".join(flags).strip("-")
     torchrun(2, root / "tiny", root / f"{name}-2", *ARGS, "--calib", root / "calib.txt", *flags)
@@ -195,6 +196,8 @@ def test_fp_inputs_and_mixed_precision_distributed(setup, flags):
     assert {k: (t.dtype, t.shape) for k, t in t1.items()} == {k: (t.dtype, t.shape) for k, t in t2.items()}
     codes = [k for k in t1 if k.endswith("qweight")]
     assert sum(int((t1[k] != t2[k]).sum()) for k in codes) <= 0.01 * sum(t1[k].numel() for k in codes)
+    if "rtn" in flags:  # no sums to reorder: every tensor the same
+        assert all(torch.equal(t1[k], t2[k]) for k in t1)
     if "--target-bpw" in flags:
         s1, s2 = (json.loads((root / f"{name}-{n}" / "sensitivity.json").read_text()) for n in (1, 2))
         assert s1["allocation"]["choice"] == s2["allocation"]["choice"]

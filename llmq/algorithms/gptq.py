@@ -31,6 +31,12 @@ from .rtn import rtn
 log = logging.getLogger("llmq")
 
 
+def solve_cost(R: int, C: int) -> float:
+    """The work of GPTQ on W [R, C], up to a constant: the Cholesky and inverse of H (~C³) and the column loop
+    (~R·C²). What distributed.World.owners balances over ranks."""
+    return float(C**3 + R * C * C)
+
+
 def damped_cholesky(H: torch.Tensor, rp: torch.Tensor, dead: torch.Tensor, cfg: GPTQConfig,
                     name: str = "") -> torch.Tensor:  # fmt: skip
     """A = J·H·J (H in visiting order read backwards, J the reversal: H indexed by rp, the reversed visiting order;
