@@ -12,22 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from tiny import SAMPLE_TEXT, TINY, make_tiny, make_tokenizer  # noqa: F401  (re-exported to the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-
-TINY = {
-    "llama": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256),
-    "mistral": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256),
-    "qwen2": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256),
-    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0),
-    "opt": dict(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
-                max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1),
-}  # fmt: skip
 
 
 def incomplete(d: Path) -> bool:
@@ -44,35 +32,6 @@ def quantize_killed_after(layer: int, *argv) -> subprocess.CompletedProcess:
     """Run `llmq quantize *argv` in a process that is SIGKILLed right after decoder layer `layer` is recorded."""
     cmd = [sys.executable, str(REPO / "tests" / "crashing_quantize.py"), str(layer), *map(str, argv)]
     return subprocess.run(cmd, capture_output=True, text=True)
-
-
-def make_tiny(model_type: str, vocab: int = 256, seed: int = 0, **over):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, **(TINY[model_type] | over))
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-SAMPLE_TEXT = " ".join(
-    f"The {w} of the {v} was {n} in {y}, and it is said that many {w}s were seen." for w, v, n, y in zip(
-        ["river", "castle", "king", "song", "ship", "city"] * 40, ["north", "valley", "empire", "people"] * 60,
-        ["built", "found", "sung", "lost", "named"] * 48, [str(1800 + i) for i in range(240)])
-)  # fmt: skip
-
-
-def make_tokenizer(vocab: int = 256):
-    """A byte-level BPE tokenizer trained offline on SAMPLE_TEXT (the tiny models have none of their own)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator([SAMPLE_TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 @pytest.fixture

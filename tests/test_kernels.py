@@ -131,6 +131,29 @@ def test_row_split_linear_triton_backend():
         assert rel(tri(x), ref(x)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("scheme", ["int4-g128", "nf4-g64-dq"])
+def test_from_pretrained_triton_backend_equals_reference(tmp_path, scheme):
+    """End to end: a tiny Llama's llmq checkpoint loaded through from_pretrained (load_quantized) with the triton
+    backend gives the reference backend's logits (fp16 on CUDA, fp32 under the interpreter)."""
+    from tiny import make_tiny
+
+    import llmq
+    from llmq.config import scheme_from_name
+
+    model = make_tiny("llama", vocab=256)
+    plan = llmq.QuantPlan(scheme_from_name(scheme))
+    llmq.save_quantized(model, llmq.quantize(model, plan, method="rtn"), tmp_path / "q", plan, {"name": "rtn"})
+    dtype = torch.float16 if CUDA else torch.float32
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0)).to(DEV)
+    logits = {}
+    for backend in ("triton", "reference"):
+        m = llmq.load_quantized(tmp_path / "q", dtype=dtype, device=DEV, backend=backend)
+        with torch.no_grad():
+            logits[backend] = m(ids).logits
+        assert {q.backend for q in m.modules() if isinstance(q, QuantLinear)} == {backend}  # chosen at the first call
+    assert rel(logits["triton"], logits["reference"]) < TOL[dtype]
+
+
 def test_input_checks_are_precise():
     tw = layout.repack(weight(FORMATS["int4-asym-g32"]))
     with pytest.raises(ValueError, match="K = 100 columns"):

@@ -49,7 +49,9 @@ def why_not(scheme: QuantScheme, shape: tuple[int, int], device: torch.device) -
     return None
 
 
-def repack_int4(qw) -> dict[str, torch.Tensor]:
+def int4_operands(qw) -> dict:
+    """tinygemm's operands for an int4 weight: codes [N, Kp] int32 (K zero-padded to a multiple of the group with
+    code 8), sz [Kp/gs, N, 2] bf16 (scale, zero'), gs, pad. PyTorch's CPU and CUDA int4 kernels take the same ones."""
     N, K = qw.shape
     gs = int4_group(qw.scheme, K)
     Kp = padded_k(K, gs)
@@ -60,9 +62,14 @@ def repack_int4(qw) -> dict[str, torch.Tensor]:
     s_g = s[:, ::gs]  # [N, Kp/gs]: constant within each tinygemm group
     zero_g = (s * (8 - z))[:, ::gs]
     sz = torch.stack([s_g.t(), zero_g.t()], dim=-1).to(torch.bfloat16).contiguous()  # [Kp/gs, N, 2]
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return {"codes": codes, "sz": sz, "gs": gs, "pad": Kp - K}
+
+
+def repack_int4(qw) -> dict[str, torch.Tensor]:
+    p = int4_operands(qw)
+    packed = torch._convert_weight_to_int4pack_for_cpu(p["codes"], 1)
     # gs / pad are Python ints, not tensors: reading a tensor's value in forward would break torch.compile graphs
-    return {"int4_packed": packed, "int4_sz": sz, "int4_gs": gs, "int4_pad": Kp - K}
+    return {"int4_packed": packed, "int4_sz": p["sz"], "int4_gs": p["gs"], "int4_pad": p["pad"]}
 
 
 def repack_int8(qw) -> dict[str, torch.Tensor]:
