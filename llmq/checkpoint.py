@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import verify
 from .errors import LlmqError
 
 FORMAT_VERSION = 1
@@ -103,7 +104,15 @@ class CheckpointWriter:
         self.written: list[str] = []  # part files written so far, in order
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Buffer `tensors` for the current shard; a float tensor must pass the readers' value check (finite, within
+        verify.WEIGHT_LIMIT): llmq never writes what its own loaders would refuse, and nothing of a refused tensor is
+        written."""
         for name, t in tensors.items():
+            try:
+                verify.finite(name, t)
+            except verify.DamagedValue as e:
+                raise LlmqError(f"refusing to write {name}: {e.found}, expected {e.expected} (a damaged source model, "
+                                "or a bug in llmq); nothing of it was written") from None  # fmt: skip
             n = t.numel() * t.element_size()
             if self.buffer and self.buffer_bytes + n > self.max_shard_bytes:
                 self.flush()

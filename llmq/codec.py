@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from . import verify
 from .config import RowSplit
 from .errors import LlmqError
 from .qtensor import QuantizedWeight, RowSplitWeight, check_parts
@@ -36,7 +37,14 @@ def layout(rec: ModuleRecord) -> dict[str, tuple[torch.dtype, tuple]]:
 
 
 def encode(name: str, qw: QuantizedWeight | RowSplitWeight) -> dict[str, torch.Tensor]:
-    """The tensors stored for module `name` (without its bias)."""
+    """The tensors stored for module `name` (without its bias), once their values are checked: whatever llmq
+    writes passes the checks its readers make (llmq/verify.py)."""
+    try:
+        qw.check_values(name)
+    except LlmqError as e:
+        what = f"{e.tensor}: {e.found}, expected {e.expected}" if isinstance(e, verify.DamagedValue) else str(e)
+        raise LlmqError(f"refusing to write {what} (a bug in llmq, or a damaged source model; nothing of {name} "
+                        "was written)") from None  # fmt: skip
     if isinstance(qw, RowSplitWeight):
         out = {f"{name}.{SPLIT_INDEX}": qw.row_part}
         for k, q in enumerate(qw.pieces):
@@ -69,10 +77,7 @@ def decode(rec: ModuleRecord, tensors: dict[str, torch.Tensor]) -> QuantizedWeig
         return QuantizedWeight.from_tensors({k[len(pre):]: v for k, v in tensors.items()}, rec.shape, rec.scheme,
                                             rec.name)  # fmt: skip
     part = tensors[f"{rec.name}.{SPLIT_INDEX}"]
-    counts = torch.bincount(part.long(), minlength=len(rec.pieces)).tolist()
-    if len(counts) != len(rec.pieces) or counts != [p.shape[0] for p in rec.pieces]:
-        raise LlmqError(f"{rec.name}.{SPLIT_INDEX}: assigns rows {counts} to the pieces, config.json says "
-                        f"{[p.shape[0] for p in rec.pieces]}")  # fmt: skip
+    check_row_part(rec, part)
     split = RowSplit(rec.schemes, tuple(part.tolist()))
     pieces = []
     for k, piece in enumerate(rec.pieces):
@@ -80,6 +85,18 @@ def decode(rec: ModuleRecord, tensors: dict[str, torch.Tensor]) -> QuantizedWeig
         own = {key[len(pre):]: v for key, v in tensors.items() if key.startswith(pre)}
         pieces.append(QuantizedWeight.from_tensors(own, piece.shape, piece.scheme, pre[:-1]))
     return RowSplitWeight(rec.shape, split, pieces)
+
+
+def check_row_part(rec: ModuleRecord, part: torch.Tensor) -> None:
+    """A split module's row_part puts every row in exactly one piece, as many rows in each as config.json says."""
+    tensor, want = f"{rec.name}.{SPLIT_INDEX}", [p.shape[0] for p in rec.pieces]
+    bad = part.long() >= len(rec.pieces)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise verify.DamagedValue(tensor, f"piece {int(part[i])} at position [{i}]", f"a piece in 0..{len(want) - 1}")
+    counts = torch.bincount(part.long(), minlength=len(rec.pieces)).tolist()
+    if counts != want:
+        raise verify.DamagedValue(tensor, f"rows per piece {counts}", f"{want} (config.json)")
 
 
 def _relative(name: str, d: dict) -> dict:
@@ -143,3 +160,33 @@ def checkpoint_tensors(model, qweights: dict, dtype: torch.dtype):
         part = {k: state.pop(k) for k in (f"{name}.weight", f"{name}.bias") if k in state}
         yield stored_tensors(part, {name: qw}, dtype)
     yield stored_tensors(state, {}, dtype)
+
+
+def verify_values(reader, record: CheckpointRecord) -> None:
+    """The value checks of llmq/verify.py on a checkpoint read through `reader` (checkpoint.CheckpointReader), for
+    the paths that do not build a model (inspect, export): every quantized module's scales, outliers, indices
+    (perm, the outliers' CSR, row_part) and llama.cpp block parameters (its codes are read only where those live
+    among them), then every full-precision tensor, one shard at a time. Errors name the file, the tensor, the first
+    bad position and what was expected."""
+    owned: set[str] = set()
+    try:
+        for rec in record.modules.values():
+            keys = module_keys(rec, reader.weight_map)
+            owned |= set(keys)
+            blocks = any(p.scheme.block is not None for p in rec.pieces)
+            t = reader.load([k for k in keys if blocks or not k.endswith(".qweight")])
+            if rec.split:
+                check_row_part(rec, t[f"{rec.name}.{SPLIT_INDEX}"])
+            for k, piece in enumerate(rec.pieces):
+                pre = piece_prefix(rec.name, rec, k)
+                parts = {key[len(pre):]: v for key, v in t.items() if key.startswith(pre) and "." not in key[len(pre):]}
+                QuantizedWeight(piece.shape, piece.scheme, parts).check_values(pre[:-1])
+        by_shard: dict[str, list[str]] = {}
+        for k, shard in reader.weight_map.items():
+            if k not in owned and k != record.sentinel:
+                by_shard.setdefault(shard, []).append(k)
+        for names in by_shard.values():
+            for k, t in reader.load(names).items():
+                verify.finite(k, t)
+    except verify.DamagedValue as e:
+        raise e.located(reader.dir / reader.weight_map.get(e.tensor, "")) from None

@@ -8,6 +8,10 @@ DTYPE_NAMES = tuple(DTYPES)
 
 
 def all_finite(x: torch.Tensor) -> bool:
-    """No NaN or ±Inf in x: its max and min are finite (both reductions propagate NaN). Unlike
-    torch.isfinite(x).all(), no temporaries of x's size (for a 28672² Hessian those would be 5 GB)."""
-    return x.numel() == 0 or bool(torch.isfinite(x.amax()) & torch.isfinite(x.amin()))
+    """No NaN or ±Inf in x: its min and max are finite (the reduction propagates NaN). One pass, and unlike
+    torch.isfinite(x).all() no temporaries of x's size (for a 28672² Hessian those would be 5 GB); aminmax is
+    twice as fast as amax + amin and ~40x faster than isfinite().all() on the CPU (benchmarks/results/verify_cost.md)."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))

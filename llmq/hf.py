@@ -22,7 +22,6 @@ import contextvars
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import codec, formats, nn
+from . import codec, formats, nn, verify
 from .algorithms.rtn import rtn
 from .archs import arch_for, weight_of
 from .checkpoint import SHARD_METADATA, CheckpointReader, tensor_headers
@@ -128,6 +127,7 @@ class LlmqHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.transposed = False
         self.modules: dict[str, ModuleRecord] = {}
+        self.verify_values, self.shards = False, None  # a pre-quantized checkpoint's reader, once opened
         self.errors: list[LlmqError] = []  # found while quantizing on the fly
         qc = quantization_config
         if self.pre_quantized and not qc.pre:
@@ -192,7 +192,8 @@ class LlmqHfQuantizer(HfQuantizer):
             files = [Path(f) for f in checkpoint_files]
             # every shard readable, its format version, and its sha256 against the index (LLMQ_VERIFY=0 skips the
             # hashing: ~1 s per GB)
-            CheckpointReader(files[0].parent, verify=VERIFY.get() and os.environ.get("LLMQ_VERIFY", "1") != "0")
+            self.verify_values = VERIFY.get() and verify.enabled()
+            self.shards = CheckpointReader(files[0].parent, verify=self.verify_values)
             check_checkpoint(model, rec, files)
         return model
 
@@ -214,14 +215,33 @@ class LlmqHfQuantizer(HfQuantizer):
             if missing:
                 raise LlmqError(f"{name}: missing tensor(s) {', '.join(name + '.' + k for k in missing)}; re-copy or "
                                 "re-quantize the model")  # fmt: skip
-            qw = mod.quantized_weight()
-            qw.validate(name)
-            qw.check_values(name)
+            try:
+                if self.modules[name].split:  # every row in one of the pieces, as many as config.json says
+                    codec.check_row_part(self.modules[name], mod.row_part)
+                qw = mod.quantized_weight()
+                qw.validate(name)
+                qw.check_values(name, values=self.pre_quantized and self.verify_values)
+            except verify.DamagedValue as e:
+                raise self._located(e) from None
             mod.prepare(name)
+        if self.pre_quantized and self.verify_values:
+            self._check_full_precision(model)
         if not self.pre_quantized:
             self.quantization_config.record = self._record(model)
             self.quantization_config.pre = True
         return model
+
+    def _located(self, e: "verify.DamagedValue") -> LlmqError:
+        shard = self.shards.weight_map.get(e.tensor)
+        return e.located(self.shards.dir / shard if shard else self.shards.dir)
+
+    def _check_full_precision(self, model) -> None:
+        """Every float tensor the checkpoint gave the model is finite (norms, embeddings, biases, head; the quantized
+        modules' scales were checked with their module)."""
+        try:
+            verify.model_tensors(model.state_dict())
+        except verify.DamagedValue as e:
+            raise self._located(e) from None
 
     def _record(self, model) -> CheckpointRecord:
         modules = {n: ModuleRecord.of(n, model.get_submodule(n).quantized_weight()) for n in self.modules}

@@ -8,6 +8,7 @@ from . import codec, record
 from .checkpoint import CheckpointReader
 from .record import ModuleRecord
 from .summary import human_bytes
+from .verify import enabled as values_enabled
 
 
 def short_name(m: ModuleRecord) -> str:
@@ -19,11 +20,16 @@ def short_name(m: ModuleRecord) -> str:
 
 
 def inspect_dir(d: Path, verify: bool = True) -> dict:
-    """The table of checkpoint `d`, after the checks every reader makes: each shard readable (and, with verify, its
-    sha256 against the index), and the shards' headers holding exactly what config.json describes."""
+    """The table of checkpoint `d`, after the checks every reader makes: each shard readable, the shards' headers
+    holding exactly what config.json describes, and with verify (unless LLMQ_VERIFY=0) each shard's sha256 against
+    the index and the values no checksum can judge (llmq/verify.py)."""
     _, rec = record.read(d)
-    headers = CheckpointReader(d, verify=verify).headers()
+    verify = verify and values_enabled()
+    reader = CheckpointReader(d, verify=verify)
+    headers = reader.headers()
     codec.check_headers(rec, headers, str(d))
+    if verify:
+        codec.verify_values(reader, rec)
     sizes = {k: n for k, (_, _, n) in headers.items()}
     modules, q_bytes, q_weights = [], 0, 0
     for name, m in rec.modules.items():

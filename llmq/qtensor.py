@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import verify
 from .config import QuantScheme, RowSplit
 from .errors import LlmqError
 from .formats import grid, grouping, packing, scales
@@ -142,22 +143,37 @@ class QuantizedWeight:
         found = {k: (t.dtype, tuple(t.shape)) for k, t in self.parts.items()}
         check_parts(name, layout, found, f"for {self.scheme.describe()} weight {self.shape}")
 
-    def check_values(self, name: str) -> None:
+    def check_values(self, name: str, values: bool = True) -> None:
         """The parts whose values index something hold valid indices: the outliers' CSR (row pointers from 0 to nnz,
         non-decreasing; columns inside the row) and `perm` (a permutation of the columns). Run once data is loaded;
-        a damaged index would otherwise read out of bounds, or silently elsewhere."""
+        a damaged index would otherwise read out of bounds, or silently elsewhere. With `values`, also every value
+        no checksum can judge (llmq/verify.py: scales finite and positive, outliers finite, llama.cpp's d finite);
+        raises verify.DamagedValue there."""
+        if values:
+            verify.weight_parts(name, self.scheme, self.parts)
         R, C = self.shape
         if "outlier_crow" in self.parts:
             crow, col = self.parts["outlier_crow"].long(), self.parts["outlier_col"].long()
             nnz = col.numel()
-            if crow[0] != 0 or crow[-1] != nnz or bool((crow[1:] < crow[:-1]).any()):
-                raise LlmqError(f"{name}.outlier_crow: not row pointers from 0 to {nnz} (the checkpoint is damaged)")
-            if nnz and (col.min() < 0 or col.max() >= C):
-                raise LlmqError(f"{name}.outlier_col: columns outside 0..{C - 1} (the checkpoint is damaged)")
+            down = crow[1:] < crow[:-1]
+            if crow[0] != 0 or crow[-1] != nnz or bool(down.any()):
+                i = 0 if crow[0] != 0 else (R if crow[-1] != nnz else int(down.nonzero()[0, 0]) + 1)
+                raise verify.DamagedValue(f"{name}.outlier_crow", f"{int(crow[i])} at position [{i}]",
+                                          f"row pointers rising from 0 to {nnz}")  # fmt: skip
+            out = (col < 0) | (col >= C)
+            if nnz and bool(out.any()):
+                i = int(out.nonzero()[0, 0])
+                raise verify.DamagedValue(f"{name}.outlier_col", f"{int(col[i])} at position [{i}]", f"a column in 0..{C - 1}")
         if "perm" in self.parts:
             p = self.parts["perm"].long()
             if not torch.equal(torch.sort(p).values, torch.arange(C)):
-                raise LlmqError(f"{name}.perm: not a permutation of the {C} columns (the checkpoint is damaged)")
+                ok = (p >= 0) & (p < C)
+                seen = torch.zeros(C, dtype=torch.long).index_add_(0, p[ok], torch.ones_like(p[ok]))
+                bad = ~ok | (seen[p.clamp(0, C - 1)] > 1)
+                i = int(bad.nonzero()[0, 0])
+                n = int(seen[int(p[i])]) if ok[i] else 0
+                raise verify.DamagedValue(f"{name}.perm", f"{int(p[i])} at position [{i}]" + (f", {n} times" if n else ""),
+                                          f"a permutation: each of the {C} columns exactly once")  # fmt: skip
 
     # ---- reading ------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -257,9 +273,9 @@ class RowSplitWeight:
                 raise LlmqError(f"{name}.pieces.{k}: shape {q.shape}, but row_part gives it "
                                 f"{len(self.split.rows(k))} rows of {self.shape[1]}")  # fmt: skip
 
-    def check_values(self, name: str) -> None:
+    def check_values(self, name: str, values: bool = True) -> None:
         for k, q in enumerate(self.pieces):
-            q.check_values(f"{name}.pieces.{k}")
+            q.check_values(f"{name}.pieces.{k}", values)
 
     @property
     def row_part(self) -> torch.Tensor:

@@ -13,7 +13,7 @@ LAYERS = [
     ["llmq.errors", "llmq.version", "llmq.dtypes", "llmq.timing"],
     ["llmq.formats.grouping", "llmq.formats.packing", "llmq.formats.doublequant", "llmq.formats.scales",
      "llmq.formats.integer", "llmq.formats.codebook", "llmq.formats.nf", "llmq.formats.fp", "llmq.formats.ggml", "llmq.formats"],
-    ["llmq.config"],
+    ["llmq.config", "llmq.verify"],
     ["llmq.qtensor"],
     ["llmq.algorithms.outliers", "llmq.algorithms.clipping", "llmq.algorithms.params", "llmq.algorithms.rtn",
      "llmq.algorithms.gptq", "llmq.algorithms"],

@@ -2,9 +2,12 @@
 the one-line message, that no traceback reached the user, and that nothing was left behind (no new file or dir
 beside the inputs, for quantize and export: no OUT at all)."""
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SAMPLE_TEXT, incomplete, make_tiny, make_tokenizer
 from safetensors.torch import load_file, save_file
 
@@ -162,7 +165,7 @@ def test_bad_input(world, tmp_path, capsys, case):
     assert "Traceback" not in err
     if msg is not None:
         lines = [x for x in err.splitlines() if x.startswith(("llmq: error:", "llmq ", "usage:")) or "error:" in x]
-        assert lines and __import__("re").search(msg, lines[-1]), err[-2000:]
+        assert lines and re.search(msg, lines[-1]), err[-2000:]
     if code != 0:
         after = sorted(p for p in w.rglob("*"))
         new = [p for p in after if p not in before and p.name not in ("trunc", "flip", "bits")]
@@ -279,3 +282,195 @@ def test_quiet_gguf_source_and_architectures_filled_in(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "de-quantizing" not in err and "it/s" not in err, err[-500:]
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+# ---- values no checksum can judge (llmq/verify.py) -------------------------------------------------------------
+NAN, INF = float("nan"), float("inf")
+L0 = "model.layers.0."
+
+
+def rewrite(d: Path, tensor: str, edit) -> None:
+    """Replace one tensor of checkpoint `d` with edit(its copy), keeping dtype and shape, and recompute the shard's
+    sha256 in the index: the damage a byte check cannot see."""
+    from safetensors import safe_open
+
+    from llmq.checkpoint import sha256_file
+
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / index["weight_map"][tensor]
+    with safe_open(shard, "pt") as f:
+        meta = f.metadata()
+    state = load_file(shard)
+    t = edit(state[tensor].clone())
+    assert t.dtype == state[tensor].dtype and t.shape == state[tensor].shape
+    state[tensor] = t
+    save_file(state, shard, metadata=meta)
+    index["metadata"]["llmq_sha256"][shard.name] = sha256_file(shard)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def at(pos, value):
+    def edit(t):
+        t[pos] = value
+        return t
+
+    return edit
+
+
+def f16_at(block: int, offset: int, value: float):
+    """Write an fp16 `value` into row 0's block `block` at byte `offset` of a q4_0 qweight (uint8 [R, bytes])."""
+
+    def edit(t):
+        raw = torch.tensor([value], dtype=torch.float16).view(torch.uint8)
+        t[0, block * 18 + offset : block * 18 + offset + 2] = raw  # q4_0: 18 bytes a block
+        return t
+
+    return edit
+
+
+def dup_perm(t):
+    t[1] = t[0]
+    return t
+
+
+def move_row(t):
+    t[0] = 3  # a piece that does not exist
+    return t
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    """A tiny Qwen2 (q/k/v biases) quantized with GPTQ, act-order without static groups (a stored perm), asymmetric
+    int4 g32 with double-quantized scales and 1% outliers; and a per-row mixed-precision checkpoint (row_part)."""
+    w = tmp_path_factory.mktemp("values")
+    make_tiny("qwen2", vocab=300).save_pretrained(w / "src")
+    make_tokenizer(300).save_pretrained(w / "src")
+    (w / "calib.txt").write_text(SAMPLE_TEXT)
+    common = ["--quiet", "--method", "gptq", "--calib", str(w / "calib.txt"), "--nsamples", "4", "--seqlen", "32"]
+    assert main(["quantize", str(w / "src"), str(w / "rich"), *common, "--bits", "4", "--group-size", "32",
+                 "--double-quant", "--outliers", "0.01", "--no-static-groups"]) == 0  # fmt: skip
+    assert main(["quantize", str(w / "src"), str(w / "rows"), *common, "--target-bpw", "3.5", "--granularity",
+                 "row"]) == 0  # fmt: skip
+    return w
+
+
+def rows_module(d: Path) -> str:
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    return next(k for k in index["weight_map"] if k.endswith(".row_part")).removesuffix(".row_part")
+
+
+# (id, which checkpoint, tensor, edit, the found value / position in the message)
+VALUE_CASES = [
+    ("scale NaN", "q", L0 + "self_attn.q_proj.scales", at((3, 1), NAN), r"nan at position \[3, 1\]"),
+    ("scale Inf", "q", L0 + "mlp.down_proj.scales", at((0, 2), INF), r"inf at position \[0, 2\]"),
+    ("scale zero", "q", L0 + "self_attn.v_proj.scales", at((5, 0), 0.0), r"0.0 at position \[5, 0\]"),
+    ("scale negative", "q", L0 + "mlp.up_proj.scales", at((2, 1), -0.5), r"-0.5 at position \[2, 1\]"),
+    ("dq offset NaN", "rich", L0 + "mlp.gate_proj.scales_off", at((1, 0), NAN), r"nan at position \[1, 0\]"),
+    ("dq offset zero", "rich", L0 + "mlp.gate_proj.scales_off", at((0, 0), 0.0), r"0.0 at position \[0, 0\]"),
+    ("dq step negative", "rich", L0 + "self_attn.o_proj.scales_step", at((1, 0), -1.0), r"-1.0 at position \[1, 0\]"),
+    ("outlier Inf", "rich", L0 + "mlp.down_proj.outlier_val", at(2, -INF), r"-inf at position \[2\]"),
+    ("perm duplicate", "rich", L0 + "self_attn.k_proj.perm", dup_perm, r"at position \[0\], 2 times"),
+    ("q4_0 d NaN", "q40", L0 + "self_attn.q_proj.qweight", f16_at(1, 0, NAN), r"field d = nan at position \[0, 1\]"),
+    ("norm NaN", "q", "model.norm.weight", at(7, NAN), r"nan at position \[7\]"),
+    ("embedding Inf", "q", "model.embed_tokens.weight", at((9, 4), INF), r"inf at position \[9, 4\]"),
+    ("bias NaN", "rich", L0 + "self_attn.q_proj.bias", at(5, NAN), r"nan at position \[5\]"),
+    ("row_part piece", "rows", "{rows}.row_part", move_row, r"piece 3 at position \[0\]"),
+]
+
+
+def value_damaged(world, rich, case) -> tuple[Path, str]:
+    name, which, tensor, edit, _ = case
+    base = {"q": world / "q", "q40": world / "q40", "rich": rich / "rich", "rows": rich / "rows"}[which]
+    tensor = tensor.format(rows=rows_module(base) if which == "rows" else "")
+    d = rich / ("v-" + name.replace(" ", "-"))
+    if not d.exists():
+        shutil.copytree(base, d)
+        rewrite(d, tensor, edit)
+    return d, tensor
+
+
+@pytest.mark.parametrize("reader", ["load_quantized", "from_pretrained", "inspect"])
+@pytest.mark.parametrize("case", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
+def test_damaged_values_are_refused_with_file_tensor_and_position(world, rich, capsys, reader, case):
+    """Checksums that match broken contents: every reader names the shard file, the tensor, the first bad position
+    and says the checkpoint is damaged."""
+    from transformers import AutoModelForCausalLM
+
+    d, tensor = value_damaged(world, rich, case)
+    if reader == "inspect":
+        assert main(["inspect", str(d)]) == 2
+        msg = capsys.readouterr().err
+    else:
+        with pytest.raises(LlmqError) as e:
+            llmq.load_quantized(d) if reader == "load_quantized" else AutoModelForCausalLM.from_pretrained(d)
+        msg = str(e.value)
+    shard = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][tensor]
+    assert f"{d / shard}: tensor {tensor}:" in msg, msg
+    assert re.search(case[4], msg) and "the checkpoint is damaged" in msg, msg
+
+
+@pytest.mark.parametrize("case", [VALUE_CASES[0], VALUE_CASES[10]], ids=["scale", "norm"])
+def test_damaged_values_are_refused_by_eval_and_export(world, rich, tmp_path, capsys, case):
+    d, tensor = value_damaged(world, rich, case)
+    assert main(["eval", str(d), "--dataset", str(world / "calib.txt")]) == 2
+    assert f"tensor {tensor}:" in capsys.readouterr().err
+    for to, dest in (("compressed-tensors", tmp_path / "ct"), ("gguf", tmp_path / "x.gguf")):
+        assert main(["export", str(d), str(dest), "--to", to, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"tensor {tensor}:" in err and "Traceback" not in err, err
+        assert not dest.exists()
+
+
+def test_llmq_verify_0_skips_the_value_checks_with_the_hashing(world, rich, monkeypatch):
+    """LLMQ_VERIFY=0 loads a NaN scale and a NaN norm (that is what it is for: no check beyond the headers and
+    indices); the index checks that keep reads in bounds still run."""
+    monkeypatch.setenv("LLMQ_VERIFY", "0")
+    model = llmq.load_quantized(value_damaged(world, rich, VALUE_CASES[0])[0])
+    assert not torch.isfinite(model.model.layers[0].self_attn.q_proj(torch.randn(2, 64))).all()
+    model = llmq.load_quantized(value_damaged(world, rich, VALUE_CASES[10])[0])
+    assert not torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    d, _ = value_damaged(world, rich, VALUE_CASES[8])  # a duplicated perm entry: refused all the same
+    with pytest.raises(LlmqError, match="perm"):
+        llmq.load_quantized(d)
+
+
+def test_llmq_never_writes_a_nan(world, tmp_path, monkeypatch):
+    """A NaN that reaches the writer (a damaged source's norm, or a bug that makes a NaN scale) is refused before a
+    shard holding it is renamed into place: the conversion stops with the tensor named and no complete checkpoint."""
+    from llmq import codec
+    from llmq.algorithms.rtn import rtn
+    from llmq.qtensor import QuantizedWeight
+
+    src = tmp_path / "src"
+    shutil.copytree(world / "src", src)
+    state = load_file(src / "model.safetensors")
+    state["model.norm.weight"][3] = float("nan")
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["quantize", str(src), str(tmp_path / "a"), "--quiet", "--bits", "4"]) == 2
+    assert incomplete(tmp_path / "a")
+    real = codec.encode
+
+    def nan_scale(name, qw):
+        if isinstance(qw, QuantizedWeight) and "scales" in qw.parts:
+            qw.parts["scales"][0, 0] = float("nan")
+        return real(name, qw)
+
+    monkeypatch.setattr(codec, "encode", nan_scale)
+    with pytest.raises(LlmqError, match=r"refusing to write model.layers.0.self_attn.q_proj.scales: nan at position"):
+        scheme = llmq.QuantScheme(bits=4)
+        qw = {"model.layers.0.self_attn.q_proj": rtn(torch.randn(64, 64), scheme)}
+        llmq.save_quantized(make_tiny("llama", vocab=300), qw, tmp_path / "b", llmq.QuantPlan(scheme), {"name": "rtn"})
+
+
+def test_codes_and_zero_points_cannot_leave_their_grid():
+    """Why no check looks at codes or zero points: they are stored `bits` wide and every codebook has 2^bits entries,
+    so every stored bit pattern decodes to a point of the grid. A format that breaks this needs a value check."""
+    from llmq import formats
+    from llmq.formats import packing
+
+    for name, fmt in formats.FORMATS.items():
+        if fmt.codebook is not None:
+            assert len(fmt.codebook) == 2 ** fmt.bits[0], name
+    for bits in (2, 3, 4, 8):
+        every = torch.randint(0, 256, (4, packing.packed_row_bytes(64, bits)), dtype=torch.uint8)
+        assert int(packing.unpack(every, bits, 64).max()) <= 2**bits - 1

@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 from tqdm.auto import tqdm
 
-from .. import codec, record
+from .. import codec, record, verify
 from ..checkpoint import INDEX_NAME, CheckpointReader, CheckpointWriter, atomic_write_json, atomic_write_text
 from ..dtypes import DTYPES
 from ..errors import LlmqError
@@ -56,6 +56,8 @@ def export(src, dest, to: str, dtype: str = "float16", gptq_format: str = "v1", 
     src, dest = Path(src), Path(dest)
     config, rec = record.read(src)
     reader = CheckpointReader(src, verify=True)
+    if verify.enabled():  # no engine is handed a NaN: the values no checksum can judge, before anything is written
+        codec.verify_values(reader, rec)
     _check_dest(src, dest, overwrite)
     _check_modules(exporter, rec, reader, opts, src, to)
     tmp = dest.parent / f".{dest.name}.llmq-export-tmp"

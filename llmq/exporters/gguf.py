@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import codec, gguf_names, recipes, record
+from .. import codec, gguf_names, recipes, record, verify
 from ..algorithms.rtn import rtn
 from ..checkpoint import CheckpointReader
 from ..config import QuantScheme
@@ -89,6 +89,8 @@ def export(src, dest, embedding_type: str = "auto", metadata=None, overwrite: bo
     config, rec = record.read(src)
     arch, permute = gguf_names.arch_of(config.get("model_type"))
     reader = CheckpointReader(src, verify=True)
+    if verify.enabled():  # llama.cpp is never handed a NaN (llmq/verify.py)
+        codec.verify_values(reader, rec)
     types = _check_modules(rec, src)
     _check_dest(dest, overwrite)
     meta_src = _metadata_source(src, metadata)

@@ -172,6 +172,23 @@ class BlockType:
         O = -(side["dmin"].float().unsqueeze(-1) * side["m"].float().reshape(R, nb, -1)).reshape(R, G)
         return codes, S, O
 
+    def half_offsets(self) -> dict[str, int]:
+        """Byte offset inside a block of each fp16 field (d, and m or dmin where the type has them)."""
+        out, pos = {}, 0
+        for kind, arg in _LAYOUT[self.name]:
+            if kind == "f16":
+                out[arg] = pos
+            sizes = {"f16": 2, "int8": self.block, "scales": _SCALE_BYTES.get(self.name, 0)}
+            pos += arg[0].shape[0] if kind == "bits" else sizes[kind]
+        assert pos == self.type_size, (self.name, pos)
+        return out
+
+    def half_fields(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fp16 fields of every block -> fp16 [R, nb] each, read without unpacking the codes (the value checks
+        of llmq/verify.py need only these)."""
+        b = raw.reshape(raw.shape[0], -1, self.type_size)
+        return {k: b[..., p : p + 2].contiguous().view(F16).squeeze(-1) for k, p in self.half_offsets().items()}
+
     def dequantize(self, raw: torch.Tensor) -> torch.Tensor:
         """uint8 blocks [R, nb*type_size] -> W [R, C] fp32, as gguf.quants.dequantize computes it."""
         codes, S, O = self.unpack(raw)
