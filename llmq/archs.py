@@ -1,15 +1,29 @@
-"""Architectures as data: where a causal LM keeps its decoder layers and which linears they hold.
+"""Architectures found by running a layer, not listed per model type.
 
-`sequential` lists, per decoder layer, the groups of linears (names relative to the layer) in the order
-their inputs become available: q/k/v read the same input, o reads attention's output, and so on. The
-pipeline quantizes one group, then re-runs the layer so that the next group sees quantized inputs.
-`blocks` names the layer's sub-blocks whose output is their last linear's output (attention -> o_proj, MLP ->
-down_proj): once every linear of a block is quantized, GPTQ replays the block from that linear's recorded input
-instead of recomputing it (pipeline.py; checked on every layer, a block that does not return that very tensor
-is recomputed). `transposed` marks GPT-2's Conv1D, which stores its weight as [in, out].
+`arch_for(config)` builds the model on the meta device (no memory, no weights: seconds for any size) and runs one
+forward pass of a few tokens with a pre-hook on every `nn.Linear` (and GPT-2's `Conv1D`) of the decoder layers.
+What the run shows becomes the layer's `ArchSpec`:
+
+  layers      the ModuleList of decoder layers: `num_hidden_layers` entries that hold linears (the model's
+              `_no_split_modules` class first, where several lists qualify)
+  sequential  the layer's linears in groups: linears fed the very same input tensor form one group (one Hessian),
+              groups in the order their input first appears (q/k/v, then o, then gate/up, then down for Llama;
+              DeepSeek-V3's MLA: q_a and kv_a_with_mqa share the layer's input, then q_b, kv_b, o, ...)
+  blocks      the layer's direct children whose output is their last linear's output (attention -> o_proj, MLP ->
+              down_proj; a linear that is the layer's last is a block of its own, as OPT's fc2): GPTQ replays a
+              finished block from that linear's recorded input (pipeline._Replay, checked again on real data)
+  transposed  the linears are Conv1D (weight stored [in, out])
+
+Every layer must show the same structure. Not quantized, by rule: anything outside the decoder layers (embeddings,
+the head, a vision tower) and linears the forward pass never calls. Refused with the reason: a layer with a
+mixture of experts (3-D expert parameters: not yet supported), a model whose decoder layers hold no linear, a model
+the meta device cannot run. What no run can show stays data here: `FACTS` (rotation and llama.cpp facts live
+beside their users: rotation.py, gguf_names.py).
 """
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -29,48 +43,150 @@ class ArchSpec:
         return tuple(n for group in self.sequential for n in group)
 
 
-_LLAMA = ArchSpec(
-    layers="model.layers",
-    sequential=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    blocks=(("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")),
-)
-ARCHS: dict[str, ArchSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gpt2": ArchSpec(
-        layers="transformer.h",
-        sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-        transposed=True,
-        blocks=(("attn", "attn.c_proj"), ("mlp", "mlp.c_proj")),
-    ),
-    "opt": ArchSpec(
-        layers="model.decoder.layers",
-        sequential=(
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("self_attn.out_proj",),
-            ("fc1",),
-            ("fc2",),
-        ),
-        blocks=(("self_attn", "self_attn.out_proj"), ("fc2", "fc2")),
-    ),
-}
-
-
 def arch_for(config) -> ArchSpec:
-    """The ArchSpec for a transformers config, or an error listing the supported families."""
+    """The decoder layers' structure of a transformers causal-LM config, found by running the model on the meta
+    device (cached per config); an LlmqError saying what was found and what to do where there is nothing to
+    quantize or something llmq cannot handle."""
+    try:
+        key = config.to_json_string(use_diff=False)
+    except (TypeError, ValueError):  # a config with values JSON cannot hold: not cached
+        return _discover(config)
+    return _cached(key, type(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached(key: str, config_class) -> ArchSpec:
+    return _discover(config_class.from_dict(json.loads(key)))
+
+
+def _linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)
+
+
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
     mt = getattr(config, "model_type", None)
-    if mt not in ARCHS:
-        raise LlmqError(
-            f"model type {mt!r} is not supported yet; supported: {', '.join(sorted(ARCHS))}. "
-            "Adding one is a few lines of data in llmq/archs.py"
-        )
-    return ARCHS[mt]
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config).eval()  # dropout off: blocks return their linear's output
+    except (ValueError, KeyError, AttributeError, TypeError, AssertionError, RuntimeError) as e:
+        raise LlmqError(f"model type {mt!r}: transformers builds no causal LM from this config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); llmq quantizes decoder-only causal LMs (for a "
+                        "vision-language model, its text model)") from None  # fmt: skip
+
+
+def _find_layers(model, config) -> str:
+    mt = getattr(config, "model_type", None)
+    n = getattr(config, "num_hidden_layers", None)
+    lin = _linear_types()
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and (n is None or len(m) == n) and any(isinstance(c, lin) for c in m[0].modules())]  # fmt: skip
+    if not found:
+        lists = [f"{name} ({len(m)})" for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+        raise LlmqError(f"model type {mt!r}: found no decoder layers holding linears (num_hidden_layers = {n}; "
+                        f"module lists: {', '.join(lists[:6]) or 'none'}); llmq quantizes the nn.Linear layers of "
+                        "a decoder-only causal LM's decoder layers")  # fmt: skip
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    preferred = [name for name, m in found if type(m[0]).__name__ in no_split]
+    path = (preferred or [name for name, _ in found])[0]
+    parts = set(path.split("."))
+    if parts & {"encoder", "vision_tower", "vision_model", "visual"}:
+        what = "an encoder-only model" if "encoder" in parts and not parts & {"vision_tower", "vision_model", "visual"} \
+            else "a vision-language model's top level"
+        raise LlmqError(f"model type {mt!r}: the only layers with linears are {path} ({what}); llmq quantizes the "
+                        "decoder layers of a causal LM: for a vision-language model, quantize its text model (its "
+                        "text_config)")  # fmt: skip
+    return path
+
+
+def _refuse_experts(layers, mt) -> None:
+    for i, layer in enumerate(layers):
+        for name, p in layer.named_parameters():
+            if p.dim() == 3:
+                where = name.rpartition(".")[0] or name
+                raise LlmqError(f"model type {mt!r}: decoder layer {i} holds a mixture of experts ({where}: experts "
+                                f"as 3-D parameters, e.g. {name} {list(p.shape)}); mixture-of-experts models are not "
+                                "supported yet (dense layers only)")  # fmt: skip
+
+
+def _discover(config) -> ArchSpec:
+    mt = getattr(config, "model_type", None)
+    model = _meta_model(config)
+    path = _find_layers(model, config)
+    layers = model.get_submodule(path)
+    _refuse_experts(layers, mt)
+    lin = _linear_types()
+    calls: list[tuple[int, str, torch.Tensor]] = []  # (layer, linear, its input): the inputs are held, ids stay unique
+    outputs: dict[tuple[int, str], object] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        for name, m in layer.named_modules():
+            if isinstance(m, lin):
+                handles.append(m.register_forward_pre_hook(lambda mod, a, i=i, n=name: calls.append((i, n, a[0]))))
+                handles.append(m.register_forward_hook(lambda mod, a, o, i=i, n=name: outputs.setdefault((i, n), o)))
+        for name, child in layer.named_children():
+            handles.append(child.register_forward_hook(
+                lambda mod, a, o, i=i, n=name: outputs.setdefault((i, "<child>" + n), o)))  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    except Exception as e:  # noqa: BLE001 -- any failure of the model's own code is the user's answer
+        raise LlmqError(f"model type {mt!r}: one forward pass on the meta device failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}), so its decoder layers' linears cannot be "
+                        "discovered") from None  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+    per_layer = [_groups([(n, x) for j, n, x in calls if j == i]) for i in range(len(layers))]
+    if not per_layer[0]:
+        raise LlmqError(f"model type {mt!r}: the forward pass called no linear inside the decoder layers ({path}); "
+                        "nothing to quantize")  # fmt: skip
+    for i, groups in enumerate(per_layer[1:], 1):
+        if groups != per_layer[0]:
+            raise LlmqError(f"model type {mt!r}: decoder layer {i} runs other linears than layer 0 ({groups} vs "
+                            f"{per_layer[0]}); llmq needs every decoder layer alike")  # fmt: skip
+    kinds = {type(m) for m in layers[0].modules() if isinstance(m, lin)}
+    if len(kinds) > 1:
+        raise LlmqError(f"model type {mt!r}: a decoder layer mixes {sorted(k.__name__ for k in kinds)}")
+    sequential = per_layer[0]
+    transposed = kinds.pop() is not torch.nn.Linear
+    return ArchSpec(path, sequential, transposed, _blocks(layers[0], sequential, outputs))
+
+
+def _groups(calls: list[tuple[str, torch.Tensor]]) -> tuple[tuple[str, ...], ...]:
+    """Linears in groups of the same input tensor, groups in order of the input's first use; a linear called
+    again later keeps its first place."""
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    seen: set[str] = set()
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        g = next((g for g in groups if g[0] is x), None)
+        if g is None:
+            groups.append((x, [name]))
+        else:
+            g[1].append(name)
+    return tuple(tuple(names) for _, names in groups)
+
+
+def _blocks(layer, sequential, outputs: dict) -> tuple[tuple[str, str], ...]:
+    """Direct children of layer 0 that return their last linear's output (the tensor itself, or a tuple with it
+    first and None after); a linear child only where it is the layer's last linear."""
+    order = [n for g in sequential for n in g]
+    out = []
+    for name, child in layer.named_children():
+        inside = [n for n in order if n == name or n.startswith(name + ".")]
+        if not inside or (inside == [name] and name != order[-1]):
+            continue
+        last = inside[-1]
+        o, lo = outputs.get((0, "<child>" + name)), outputs.get((0, last))
+        if lo is not None and (o is lo or (isinstance(o, tuple) and o and o[0] is lo and all(x is None for x in o[1:]))):
+            out.append((name, last))
+    return tuple(out)
 
 
 def decoder_layers(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.ModuleList:

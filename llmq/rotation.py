@@ -38,12 +38,22 @@ ROTATE_WHEN = ("Measured on SmolLM2 (benchmarks/results/rotation.md): with --met
                "the perplexity increase at 2-4 bits (costs 11%% at NF3); with RTN the model collapses: use it with "
                "GPTQ only")
 # architectures whose norms are RMSNorm with a weight only, and whose layers' linears are named as Llama's
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _READERS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))  # fmt: skip
 _WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 _WHY = {mt: f"{name}'s LayerNorm subtracts the mean and adds a bias, which do not commute with a rotation"
         for mt, name in (("gpt2", "GPT-2"), ("opt", "OPT"))}
+_WHY |= {
+    "olmo2": "its norms sit after attention and the MLP, on what they write to the residual stream: a norm after a "
+             "writer does not commute with a rotation of that stream",
+    "gemma2": "its norms scale by 1 + w and also sit after attention and the MLP (a norm after a writer does not "
+              "commute with a rotation of the residual stream)",
+    "gemma3_text": "its norms scale by 1 + w and also sit after attention and the MLP (a norm after a writer does not "
+                   "commute with a rotation of the residual stream)",
+    "deepseek_v3": "its MLA attention normalises the low-rank latents (q_a_layernorm, kv_a_layernorm) between two "
+                   "linears; the fusion rules for that are not written yet",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,8 @@ class RotationConfig:
 def check_supported(config) -> None:
     mt = getattr(config, "model_type", None)
     if mt not in SUPPORTED:
-        why = _WHY.get(mt, "llmq fuses rotations into RMSNorm models named as Llama's")
+        why = _WHY.get(mt, "llmq fuses rotations only where the rules of which norm feeds which linears are written "
+                           "and tested (llmq/rotation.py); not yet for this family")
         raise LlmqError(f"--rotate: a {mt!r} model cannot be rotated ({why}); supported: {', '.join(SUPPORTED)}. "
                         "Quantize it with --rotate none")  # fmt: skip
 

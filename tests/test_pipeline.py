@@ -36,11 +36,15 @@ def test_every_arch_quantizes_loads_and_generates(arch, tmp_path):
     assert out.shape == (1, 25)
 
 
-def test_unsupported_architecture_lists_supported():
+def test_an_architecture_nobody_listed_is_discovered():
+    """GPT-NeoX (fused query_key_value; parallel residual: attention and MLP each read their own norm of the layer's
+    input): no line of llmq names it; a run of its layer gives the groups."""
     from transformers import AutoConfig
 
-    with pytest.raises(LlmqError, match="not supported yet; supported: gpt2, llama, mistral, opt, qwen2"):
-        llmq.archs.arch_for(AutoConfig.for_model("gpt_neox"))
+    spec = llmq.archs.arch_for(AutoConfig.for_model("gpt_neox", hidden_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=128))  # fmt: skip
+    assert spec.layers == "gpt_neox.layers" and "attention.query_key_value" in spec.linears
+    assert len(spec.linears) == 4
 
 
 def test_gptq_cli_writes_per_layer_report(tiny_dir, sample_text, tmp_path):

@@ -59,7 +59,7 @@ def ids(seed=0, vocab=256):
     return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("kind", ["hadamard", "random"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_rotated_model_has_the_same_logits(model_type, kind, tied):
@@ -95,6 +95,13 @@ def test_rotation_spreads_an_outlier_channel():
     ratio = lambda x: (x.abs().amax(0) / x.abs().mean(0)).max()  # noqa: E731
     assert (E.abs().amax() / E.abs().median()) > 5 * (E2.abs().amax() / E2.abs().median())
     assert ratio(E2) < ratio(E)
+
+
+@pytest.mark.parametrize("model_type, why", [("olmo2", "norm after a writer"), ("gemma3_text", r"1 \+ w"),
+                                             ("phi3", "not yet for this family")])
+def test_families_without_an_exact_rotation_are_refused_with_the_reason(model_type, why):
+    with pytest.raises(LlmqError, match=why):
+        rotate_model(make_tiny(model_type), "hadamard")
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "opt"])

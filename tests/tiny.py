@@ -15,6 +15,25 @@ TINY = {
     "opt": dict(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
                 max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1),
 }  # fmt: skip
+_BASE = TINY["llama"]
+# families found by discovery (llmq/archs.py), each with what sets it apart: q/k norms (qwen3), 1 + w norms, soft-capping,
+# sliding windows, a tied head (gemma2/3), fused qkv and gate_up (phi3), norms after attention and MLP (olmo2),
+# MLA attention (deepseek_v3, dense layers), fused gate_up and extra norms (glm4), residual/logit multipliers
+# (granite), NoPE layers (smollm3)
+FAMILIES = {
+    "qwen3": {**_BASE, "head_dim": 16},
+    "gemma2": {**_BASE, "head_dim": 16},
+    "gemma3_text": {**_BASE, "head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "phi3": {**_BASE, "pad_token_id": 0},
+    "olmo2": {**_BASE, "pad_token_id": 0},
+    "deepseek_v3": {**_BASE, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                    "v_head_dim": 16, "head_dim": 8, "first_k_dense_replace": 2, "n_routed_experts": 4,
+                    "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "glm4": {**_BASE, "pad_token_id": 0, "head_dim": 16},
+    "granite": {**_BASE},
+    "smollm3": {**_BASE, "pad_token_id": 0},
+}  # fmt: skip
+TINY |= FAMILIES
 
 
 def make_tiny(model_type: str, vocab: int = 256, seed: int = 0, **over):
