@@ -189,6 +189,42 @@ def _blocks(layer, sequential, outputs: dict) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def describe(config, spec: ArchSpec | None = None) -> dict:
+    """What discovery found, for `llmq quantize` (printed before the first layer, and all `--dry-run` shows): the
+    decoder layers, each group's linears with their [out, in] shapes, the replayed blocks, and the linears left in
+    full precision by rule (outside the decoder layers). From the meta model: no weight is read."""
+    spec = spec or arch_for(config)
+    model = _meta_model(config)
+    layers = model.get_submodule(spec.layers)
+    lin = _linear_types()
+
+    def shape(m) -> list[int]:
+        w = m.weight
+        return [int(w.shape[1]), int(w.shape[0])] if spec.transposed else [int(w.shape[0]), int(w.shape[1])]
+
+    outside = [n for n, m in model.named_modules() if isinstance(m, lin) and not n.startswith(spec.layers + ".")]
+    unused = [n for n, m in layers[0].named_modules() if isinstance(m, lin) and n not in spec.linears]
+    return {"model_type": getattr(config, "model_type", None), "layers": spec.layers, "n_layers": len(layers),
+            "layer_class": type(layers[0]).__name__,
+            "groups": [[{"name": n, "shape": shape(layers[0].get_submodule(n))} for n in g] for g in spec.sequential],
+            "blocks": [list(b) for b in spec.blocks], "transposed": spec.transposed,
+            "not_quantized": {"outside the decoder layers": outside, "never called by the layer": unused}}  # fmt: skip
+
+
+def describe_lines(d: dict) -> list[str]:
+    n = sum(len(g) for g in d["groups"])
+    out = [f"{d['model_type']}: {d['n_layers']} decoder layers ({d['layers']}, {d['layer_class']}), {n} linears each "
+           f"in {len(d['groups'])} groups (one Hessian per group, quantized in this order):"]  # fmt: skip
+    for k, g in enumerate(d["groups"], 1):
+        out.append(f"  {k}. " + ", ".join(f"{m['name']} {m['shape'][0]}x{m['shape'][1]}" for m in g))
+    if d["blocks"]:
+        out.append("  replayed once quantized: " + ", ".join(f"{b} (its output is {lin}'s)" for b, lin in d["blocks"]))
+    for why, names in d["not_quantized"].items():
+        if names:
+            out.append(f"  left in full precision ({why}): {', '.join(names)}")
+    return out
+
+
 def decoder_layers(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.ModuleList:
     return model.get_submodule(spec.layers)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import transformers
 
-from . import formats, recipes
+from . import formats, recipes, sources
+from .archs import describe, describe_lines
 from .checkpoint import atomic_write_json
 from .config import (
     GPTQ_CLIP_SEARCH,
@@ -37,7 +38,7 @@ from .exporters.gguf import EMBEDDING_TYPES
 from .exporters.gguf import print_summary as print_gguf_summary
 from .inspect import inspect_dir, print_table
 from .rotation import KINDS as ROTATIONS
-from .rotation import ROTATE_WHEN, RotationConfig
+from .rotation import ROTATE_WHEN, Rotation, RotationConfig
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
 
@@ -124,7 +125,15 @@ def quantize_request(a) -> ConvertRequest:
 
 
 def cmd_quantize(a) -> int:
-    summary = convert(quantize_request(a))
+    req = quantize_request(a)
+    if a.dry_run:  # what discovery finds, from the config alone: no weight is read, nothing is written
+        config = sources.load_config(sources.resolve(a.model))
+        found = describe(config)
+        if req.rotate.active:
+            Rotation(req.rotate, config)  # refused here, with the reason, where the family cannot be rotated
+        print(json.dumps(found, indent=2) if a.json else "\n".join(describe_lines(found)))
+        return 0
+    summary = convert(req)
     if a.json and summary:  # under torchrun only rank 0 has the summary
         print(json.dumps(summary, indent=2))
     return 0
@@ -269,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing llmq output dir (an interrupted one is resumed without this)")
     o.add_argument("--quiet", action="store_true", help="no progress bars or per-layer lines")
     o.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    o.add_argument("--dry-run", action="store_true",
+                   help="only show what llmq found in the model (found by running one layer on the meta device: the "
+                        "decoder layers, each group of linears sharing one input and so one Hessian, in the order "
+                        "they are quantized, and what stays in full precision) and exit; reads the config only, "
+                        "writes nothing (with --json: as JSON)")  # fmt: skip
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model (full precision or llmq) on a text",
