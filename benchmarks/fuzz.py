@@ -137,7 +137,7 @@ def error_kind(detail: str) -> str:
              "unexpected tensor": "unexpected tensor", ": dtype": "quantized part: wrong dtype",
              ": shape": "quantized part: wrong shape", "format version": "format version", "outlier_": "outlier "
              "index out of range", ".perm:": "not a permutation", "cannot read tensor": "tensor data unreadable",
-             "expected a finite scale": "scale not finite or not positive", "expected a scale <=": "scale too large",
+             "expected a finite scale": "scale not finite, not positive or too large",
              "expected scales <=": "double-quant step too large",
              "expected a finite number": "value not finite", "row_part": "row_part: rows not in their pieces"}  # fmt: skip
     for key, kind in kinds.items():

@@ -9,6 +9,8 @@ names, in the storage dtype (`stored_tensors`); the sentinel (llmq/hf.py) sits u
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from transformers.pytorch_utils import Conv1D
 
@@ -166,27 +168,50 @@ def verify_values(reader, record: CheckpointRecord) -> None:
     """The value checks of llmq/verify.py on a checkpoint read through `reader` (checkpoint.CheckpointReader), for
     the paths that do not build a model (inspect, export): every quantized module's scales, outliers, indices
     (perm, the outliers' CSR, row_part) and llama.cpp block parameters (its codes are read only where those live
-    among them), then every full-precision tensor, one shard at a time. Errors name the file, the tensor, the first
-    bad position and what was expected."""
-    owned: set[str] = set()
+    among them), and every full-precision tensor. Each shard is opened once; a module is checked as soon as all of
+    its parts are read. Errors name the file, the tensor, the first bad position and what was expected."""
+    owner: dict[str, ModuleRecord] = {}  # stored key -> its module (codes left out unless they hold block scales)
+    for k in reader.weight_map:
+        rec = _module_of(record, k)
+        if rec is not None and (not k.endswith(".qweight") or any(p.scheme.block is not None for p in rec.pieces)):
+            owner[k] = rec
+        elif rec is None and k != record.sentinel:
+            owner[k] = None  # a full-precision tensor
+    pending = Counter(r.name for r in owner.values() if r is not None)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    by_shard: dict[str, list[str]] = {}
+    for k in owner:
+        by_shard.setdefault(reader.weight_map[k], []).append(k)
     try:
-        for rec in record.modules.values():
-            keys = module_keys(rec, reader.weight_map)
-            owned |= set(keys)
-            blocks = any(p.scheme.block is not None for p in rec.pieces)
-            t = reader.load([k for k in keys if blocks or not k.endswith(".qweight")])
-            if rec.split:
-                check_row_part(rec, t[f"{rec.name}.{SPLIT_INDEX}"])
-            for k, piece in enumerate(rec.pieces):
-                pre = piece_prefix(rec.name, rec, k)
-                parts = {key[len(pre):]: v for key, v in t.items() if key.startswith(pre) and "." not in key[len(pre):]}
-                QuantizedWeight(piece.shape, piece.scheme, parts).check_values(pre[:-1])
-        by_shard: dict[str, list[str]] = {}
-        for k, shard in reader.weight_map.items():
-            if k not in owned and k != record.sentinel:
-                by_shard.setdefault(shard, []).append(k)
         for names in by_shard.values():
             for k, t in reader.load(names).items():
-                verify.finite(k, t)
+                rec = owner[k]
+                if rec is None:
+                    verify.finite(k, t)
+                    continue
+                parts.setdefault(rec.name, {})[k] = t
+                pending[rec.name] -= 1
+                if pending[rec.name] == 0:
+                    _check_module_values(rec, parts.pop(rec.name))
     except verify.DamagedValue as e:
         raise e.located(reader.dir / reader.weight_map.get(e.tensor, "")) from None
+
+
+def _module_of(record: CheckpointRecord, key: str) -> ModuleRecord | None:
+    """The quantized module whose stored part `key` is (NAME.part, or NAME.pieces.K.part / NAME.row_part)."""
+    name, _, part = key.rpartition(".")
+    rec = record.modules.get(name)
+    if rec is not None:
+        return rec if part not in ("weight", "bias") else None
+    base = name.rsplit(".", 2)
+    rec = record.modules.get(base[0]) if len(base) == 3 and base[1] == PIECES else None
+    return rec if rec is not None and rec.split else None
+
+
+def _check_module_values(rec: ModuleRecord, t: dict[str, torch.Tensor]) -> None:
+    if rec.split:
+        check_row_part(rec, t[f"{rec.name}.{SPLIT_INDEX}"])
+    for k, piece in enumerate(rec.pieces):
+        pre = piece_prefix(rec.name, rec, k)
+        own = {key[len(pre):]: v for key, v in t.items() if key.startswith(pre) and "." not in key[len(pre):]}
+        QuantizedWeight(piece.shape, piece.scheme, own).check_values(pre[:-1])

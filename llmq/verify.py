@@ -70,19 +70,15 @@ def finite(tensor: str, t: torch.Tensor, limit: float = WEIGHT_LIMIT) -> None:
         _refuse(tensor, t, ~(t.abs() <= limit), f"a finite number within ±{limit:g}")
 
 
-def positive(tensor: str, t: torch.Tensor, strict: bool = True) -> None:
-    """Finite and > 0 (strict) or >= 0; a NaN fails the min's comparison."""
+def positive(tensor: str, t: torch.Tensor, strict: bool = True, limit: float = float("inf")) -> None:
+    """Finite, > 0 (strict) or >= 0, and <= limit, in one pass (a NaN fails both comparisons)."""
     if t.numel() == 0:
         return
     lo, hi = torch.aminmax(t)
-    if not (bool(lo > 0) if strict else bool(lo >= 0)) or not bool(torch.isfinite(hi)):
-        ok = torch.isfinite(t) & ((t > 0) if strict else (t >= 0))
-        _refuse(tensor, t, ~ok, f"a finite scale {'>' if strict else '>='} 0")
-
-
-def bounded(tensor: str, t: torch.Tensor, limit: float) -> None:
-    if t.numel() and not bool(t.amax() <= limit):
-        _refuse(tensor, t, ~(t <= limit), f"a scale <= {limit:.4g}")
+    if not (bool(lo > 0) if strict else bool(lo >= 0)) or not bool(hi <= limit) or not bool(torch.isfinite(hi)):
+        ok = torch.isfinite(t) & ((t > 0) if strict else (t >= 0)) & (t <= limit)
+        bound = f" and <= {limit:.4g}" if limit != float("inf") else ""
+        _refuse(tensor, t, ~ok, f"a finite scale {'>' if strict else '>='} 0{bound}")
 
 
 def _block_multiplier(bt, field: str) -> float:
@@ -126,8 +122,7 @@ def weight_parts(name: str, scheme, parts: dict[str, torch.Tensor]) -> None:
         return
     limit = WEIGHT_LIMIT / _max_code_distance(scheme)
     if "scales" in parts:
-        positive(f"{name}.scales", parts["scales"])
-        bounded(f"{name}.scales", parts["scales"], limit)
+        positive(f"{name}.scales", parts["scales"], limit=limit)
     if "scales_off" in parts:
         positive(f"{name}.scales_off", parts["scales_off"])
     if "scales_step" in parts:
