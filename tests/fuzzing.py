@@ -164,14 +164,19 @@ def outcome(loader: str, d: Path, verify: bool, reference: dict[str, torch.Tenso
 
 def variant(src: Path, work: Path, seed: int, kinds: list[str]) -> tuple[Path, str]:
     """A copy of checkpoint `src` with one shard mutated (seeded); returns (dir, the mutation's kind)."""
+    rng, kind, d, shard = _copy_and_pick(src, work, seed, kinds)
+    shard.write_bytes(mutate(shard.read_bytes(), kind, rng))
+    return d, kind
+
+
+def _copy_and_pick(src: Path, work: Path, seed: int, kinds: list[str]):
+    """(the seeded generator, a mutation kind, a fresh copy of `src` in work/v{seed}, one of its shards)."""
     rng = random.Random(seed)
     kind = rng.choice(kinds)
     d = work / f"v{seed}"
     shutil.rmtree(d, ignore_errors=True)
     shutil.copytree(src, d)
-    shard = rng.choice(sorted(d.glob("model-*.safetensors")))
-    shard.write_bytes(mutate(shard.read_bytes(), kind, rng))
-    return d, kind
+    return rng, kind, d, rng.choice(sorted(d.glob("model-*.safetensors")))
 
 
 def value_mutate(t: torch.Tensor, kind: str, rng: random.Random) -> torch.Tensor:
@@ -218,12 +223,7 @@ def value_variant(src: Path, work: Path, seed: int) -> tuple[Path, str, str]:
 
     from llmq.checkpoint import INDEX_NAME, sha256_file
 
-    rng = random.Random(seed)
-    kind = rng.choice(VALUE_KINDS)
-    d = work / f"v{seed}"
-    shutil.rmtree(d, ignore_errors=True)
-    shutil.copytree(src, d)
-    shard = rng.choice(sorted(d.glob("model-*.safetensors")))
+    rng, kind, d, shard = _copy_and_pick(src, work, seed, VALUE_KINDS)
     with safe_open(shard, "pt") as f:
         meta = f.metadata()
     tensors = load_file(shard)
