@@ -17,8 +17,8 @@ What the run shows becomes the layer's `ArchSpec`:
 Every layer must show the same structure. Not quantized, by rule: anything outside the decoder layers (embeddings,
 the head, a vision tower) and linears the forward pass never calls. Refused with the reason: a layer with a
 mixture of experts (3-D expert parameters: not yet supported), a model whose decoder layers hold no linear, a model
-the meta device cannot run. What no run can show stays data here: `FACTS` (rotation and llama.cpp facts live
-beside their users: rotation.py, gguf_names.py).
+the meta device cannot run. What no run can show stays data beside its user: the rotation's norm folds
+(rotation.py), llama.cpp's names (gguf_names.py).
 """
 from __future__ import annotations
 

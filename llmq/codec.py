@@ -170,7 +170,8 @@ def verify_values(reader, record: CheckpointRecord) -> None:
     (perm, the outliers' CSR, row_part) and llama.cpp block parameters (its codes are read only where those live
     among them), and every full-precision tensor. Each shard is opened once; a module is checked as soon as all of
     its parts are read. Errors name the file, the tensor, the first bad position and what was expected."""
-    owner: dict[str, ModuleRecord] = {}  # stored key -> its module (codes left out unless they hold block scales)
+    owner: dict[str, ModuleRecord | None] = {}  # stored key -> its module, None: full precision (codes left out
+    # unless they hold block scales)
     for k in reader.weight_map:
         rec = _module_of(record, k)
         if rec is not None and (not k.endswith(".qweight") or any(p.scheme.block is not None for p in rec.pieces)):

@@ -44,13 +44,13 @@ _READERS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_a
 _WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 _WHY = {mt: f"{name}'s LayerNorm subtracts the mean and adds a bias, which do not commute with a rotation"
         for mt, name in (("gpt2", "GPT-2"), ("opt", "OPT"))}
+_GEMMA = ("its norms scale by 1 + w and also sit after attention and the MLP (a norm after a writer does not commute "
+          "with a rotation of the residual stream)")
 _WHY |= {
     "olmo2": "its norms sit after attention and the MLP, on what they write to the residual stream: a norm after a "
              "writer does not commute with a rotation of that stream",
-    "gemma2": "its norms scale by 1 + w and also sit after attention and the MLP (a norm after a writer does not "
-              "commute with a rotation of the residual stream)",
-    "gemma3_text": "its norms scale by 1 + w and also sit after attention and the MLP (a norm after a writer does not "
-                   "commute with a rotation of the residual stream)",
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
     "deepseek_v3": "its MLA attention normalises the low-rank latents (q_a_layernorm, kv_a_layernorm) between two "
                    "linears; the fusion rules for that are not written yet",
 }  # fmt: skip
