@@ -94,7 +94,7 @@ def main() -> int:
         md.append(f"| {r['family']} | {groups} | {r['layer_params'] / 1e6:.0f} M | {r['layer_seconds']:.1f} | "
                   f"{ph.get('column_loop', 0):.1f} / {ph.get('cholesky', 0):.1f} / {ph.get('forward', 0):.1f} | "
                   f"{r['peak_rss_mb']:.0f} MB | {r['rel_error']:.4f} |")  # fmt: skip
-    md += ["", "Not measured here: llama.cpp and vLLM runs of these families' exports (issue 34, open)."]
+    md += ["", "The exports in llama.cpp and vLLM: the section below (benchmarks/families_engines.py)."]
     write_results("families", {"machine": m, "nsamples": a.nsamples, "seqlen": a.seqlen, "rows": rows},
                   "\n".join(md) + "\n")  # fmt: skip
     print("\n".join(md))

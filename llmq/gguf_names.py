@@ -1,33 +1,152 @@
-"""Hugging Face model -> llama.cpp's GGUF naming: the architecture, the tensor names (gguf-py's own map), and the
-row permutation llama.cpp's converter applies to Llama's q/k projections.
+"""Hugging Face model -> llama.cpp's GGUF naming: the architecture, the family's own metadata, the tensor names
+(gguf-py's own map), and what llama.cpp's converter (convert_hf_to_gguf.py) does to a family's tensors: the row
+permutation of Llama's q/k projections, Gemma's norms stored as 1 + w.
 
-Architectures llama.cpp runs from this exporter (the rest are refused with the reason): Llama and Mistral (GGUF
-"llama": q_proj/k_proj rows permuted from Hugging Face's half-split rotary layout to llama.cpp's interleaved one, as
-convert_hf_to_gguf.py does) and Qwen2 ("qwen2": no permutation, biases kept).
+What cannot be seen by running a layer lives here, as data: one `Family` per Hugging Face model type the exporter
+writes. Every family in FAMILIES is run by llama.cpp in benchmarks/families.py (results/families.md); a model type
+absent from it is refused with the reason (REFUSED), or with the list of what is written.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import gguf
 import torch
 
 from .errors import LlmqError
 
-# HF model_type -> (GGUF architecture, q/k rows permuted for rotary)
-EXPORTABLE = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+def _none(c: dict) -> dict:
+    return {}
 
 
-def arch_of(model_type: str | None) -> tuple[str, bool]:
-    mt = model_type
-    if mt not in EXPORTABLE:
-        raise LlmqError(f"model_type {mt!r}: the GGUF export writes {', '.join(EXPORTABLE)} models (llama.cpp "
-                        "architectures llama and qwen2); this one is not supported yet")  # fmt: skip
-    return EXPORTABLE[mt]
+def _sliding(c: dict) -> dict:
+    """sliding_window and the per-layer pattern (llama.cpp reads the array before its built-in pattern)."""
+    if not c.get("sliding_window"):
+        return {}
+    out = {"add_sliding_window": int(c["sliding_window"])}
+    if c.get("layer_types"):
+        out["add_sliding_window_pattern"] = [t == "sliding_attention" for t in c["layer_types"]]
+    return out
+
+
+def _query_scale(c: dict) -> None:
+    """Gemma scales queries by query_pre_attn_scalar^-1/2; llama.cpp by head_dim^-1/2 (hidden/heads for 27B sizes)."""
+    q, hd = c.get("query_pre_attn_scalar"), c.get("head_dim")
+    big = c["hidden_size"] // c["num_attention_heads"]
+    if q is not None and q != hd and not (c["num_hidden_layers"] in (46, 62) and q == big):
+        raise LlmqError(f"query_pre_attn_scalar {q} differs from head_dim {hd}: llama.cpp scales queries by "
+                        "head_dim^-1/2 for this family, so the GGUF would compute another model")  # fmt: skip
+
+
+def _gemma2(c: dict) -> dict:
+    _query_scale(c)
+    return {"add_attn_logit_softcapping": float(c["attn_logit_softcapping"] or 0.0),
+            "add_final_logit_softcapping": float(c["final_logit_softcapping"] or 0.0), **_sliding(c)}  # fmt: skip
+
+
+def _gemma3(c: dict) -> dict:
+    _query_scale(c)
+    if c.get("attn_logit_softcapping"):
+        raise LlmqError("attn_logit_softcapping is set: llama.cpp's gemma3 has no attention soft-capping")
+    out = _sliding(c)
+    swa = (c.get("rope_parameters") or {}).get("sliding_attention") or {}
+    if out and (swa.get("rope_theta") or c.get("rope_local_base_freq")):
+        out["add_rope_freq_base_swa"] = float(swa.get("rope_theta") or c["rope_local_base_freq"])
+    if c.get("final_logit_softcapping"):
+        out["add_final_logit_softcapping"] = float(c["final_logit_softcapping"])
+    return out
+
+
+def _phi3(c: dict) -> dict:
+    p = rope_parameters(c)
+    if p.get("long_factor") or p.get("short_factor"):
+        raise LlmqError("long-context rope factors (longrope) are not written by this exporter; pass --gguf-metadata "
+                        "with a GGUF of the same model")  # fmt: skip
+    out = {"add_sliding_window": int(c.get("sliding_window") or 0)}  # 0: what convert_hf_to_gguf.py writes for none
+    if p.get("original_max_position_embeddings"):
+        out["add_rope_scaling_orig_ctx_len"] = int(p["original_max_position_embeddings"])
+    return out
+
+
+def _granite(c: dict) -> dict:
+    keys = {"attention_multiplier": "add_attention_scale", "embedding_multiplier": "add_embedding_scale",
+            "residual_multiplier": "add_residual_scale", "logits_scaling": "add_logit_scale"}  # fmt: skip
+    return {m: float(c[k]) for k, m in keys.items() if c.get(k)}
+
+
+def _smollm3(c: dict) -> dict:
+    want = [int((i + 1) % 4 != 0) for i in range(c["num_hidden_layers"])]
+    if c.get("no_rope_layers") is not None and list(c["no_rope_layers"]) != want:
+        raise LlmqError(f"no_rope_layers {c['no_rope_layers']}: llama.cpp's smollm3 drops rotary on every 4th layer "
+                        "only")  # fmt: skip
+    return {}
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str  # llama.cpp's architecture (gguf.MODEL_ARCH, lower case)
+    permute: bool = False  # q/k rows from Hugging Face's half-split rotary layout to llama.cpp's interleaved one
+    norm_shift: float = 0.0  # added to every *norm.weight (Gemma's RMSNorm computes x * (1 + w))
+    metadata: Callable[[dict], dict] = _none  # the family's own keys: GGUFWriter method -> value; raises if unfit
+
+
+FAMILIES = {
+    "llama": Family("llama", permute=True), "mistral": Family("llama", permute=True), "qwen2": Family("qwen2"),
+    "qwen3": Family("qwen3"), "olmo2": Family("olmo2", metadata=_sliding), "phi3": Family("phi3", metadata=_phi3),
+    "gemma2": Family("gemma2", norm_shift=1.0, metadata=_gemma2),
+    "gemma3_text": Family("gemma3", norm_shift=1.0, metadata=_gemma3),
+    "granite": Family("granite", permute=True, metadata=_granite),
+    "smollm3": Family("smollm3", permute=True, metadata=_smollm3),
+}  # fmt: skip
+REFUSED = {
+    "deepseek_v3": "llama.cpp stores MLA's kv_b_proj split into attn_k_b (transposed) and attn_v_b: a transposed "
+                   "block-quantized matrix would have to be re-rounded",
+    "glm4": "llama.cpp's glm4 reads partial interleaved rotary sections this exporter does not write yet",
+    "gpt2": "the GGUF export writes rotary-attention decoders; GPT-2's Conv1D layers are not converted",
+    "opt": "llama.cpp has no OPT architecture",
+}  # fmt: skip
+
+
+def family_of(model_type: str | None) -> Family:
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    why = REFUSED.get(model_type or "", "not supported yet")
+    raise LlmqError(f"model_type {model_type!r}: {why}; the GGUF export writes {', '.join(FAMILIES)}")
+
+
+def rope_parameters(c: dict) -> dict:
+    """The rotary parameters of the full-attention layers, transformers 5 (`rope_parameters`, per layer type for
+    Gemma 3) or 4 (`rope_theta` + `rope_scaling`) style."""
+    p = dict(c.get("rope_parameters") or {})
+    p = dict(p.get("full_attention", p))
+    p.update({k: v for k, v in (c.get("rope_scaling") or {}).items() if k not in p})
+    if "rope_theta" not in p and c.get("rope_theta") is not None:
+        p["rope_theta"] = c["rope_theta"]
+    p["rope_type"] = p.get("rope_type") or p.get("type") or "default"
+    return p
+
+
+def rope_metadata(c: dict, head_dim: int) -> dict:
+    p = rope_parameters(c)
+    out = {"add_rope_freq_base": float(p.get("rope_theta", 10000.0)),
+           "add_rope_dimension_count": int(head_dim * p.get("partial_rotary_factor", 1.0))}  # fmt: skip
+    if p["rope_type"] == "linear":
+        out |= {"add_rope_scaling_type": gguf.RopeScalingType.LINEAR, "add_rope_scaling_factor": float(p["factor"])}
+    elif p["rope_type"] != "default":
+        raise LlmqError(f"rope type {p['rope_type']!r} is not written by this exporter; pass --gguf-metadata with a "
+                        "GGUF of the same model")  # fmt: skip
+    if math.isnan(out["add_rope_freq_base"]):
+        raise LlmqError("rope_theta is NaN")
+    return out
 
 
 def name_map(model_type: str | None, n_layers: int) -> gguf.TensorNameMap:
     """gguf-py's map of HF tensor names to GGUF ones for this model's architecture (any architecture gguf knows)."""
     mt = model_type or ""
-    arch = EXPORTABLE.get(mt, (mt, False))[0]
+    arch = FAMILIES[mt].arch if mt in FAMILIES else mt
     try:
         return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
     except KeyError:

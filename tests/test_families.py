@@ -180,10 +180,10 @@ def test_dry_run_shows_the_groups_and_writes_nothing(tmp_path, capsys):
     assert "cannot be rotated" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch", ["phi3", "deepseek_v3"])
+@pytest.mark.parametrize("arch", list(FAMILIES))
 def test_family_torchrun_and_mixed_precision(arch, tmp_path):
-    """Two ranks (gloo) convert a fused-projection and an MLA family as one process does (codes within 1%: reordered
-    Hessian sums); mixed precision allocates over the discovered linears and the result loads."""
+    """Two ranks (gloo) convert every family as one process does (codes within 1%: reordered Hessian sums); mixed
+    precision allocates over the discovered linears and the result loads."""
     import json
     import os
     import socket

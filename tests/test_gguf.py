@@ -209,6 +209,66 @@ def test_export_equals_llmq_and_carries_llama_cpp_metadata(ksrc, tmp_path, model
     assert not list(tmp_path.glob(".*llmq-export-tmp"))
 
 
+# each family's own metadata as convert_hf_to_gguf.py writes it (llmq/gguf_names.py), on its tiny model
+FAMILY_KEYS = {
+    "qwen3": {"qwen3.attention.key_length": 16},
+    "gemma2": {"gemma2.attn_logit_softcapping": 50.0, "gemma2.final_logit_softcapping": 30.0,
+               "gemma2.attention.sliding_window": 4096, "gemma2.attention.sliding_window_pattern": [True, False]},
+    "gemma3_text": {"gemma3.attention.sliding_window": 8, "gemma3.attention.sliding_window_pattern": [True, False],
+                    "gemma3.rope.freq_base": 1e6, "gemma3.rope.freq_base_swa": 1e4},
+    "phi3": {"phi3.attention.sliding_window": 0, "phi3.rope.dimension_count": 64},
+    "olmo2": {"olmo2.attention.layer_norm_rms_epsilon": 1e-5},
+    "granite": {"granite.embedding_scale": 12.0, "granite.residual_scale": 0.22, "granite.logit_scale": 8.0,
+                "granite.attention.scale": 0.0625},
+    "smollm3": {"smollm3.rope.freq_base": 2e6},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_KEYS))
+def test_family_exports_equal_llmq_with_the_converters_metadata(ksrc, tmp_path, model_type):
+    """Every family in gguf_names.FAMILIES: its linears' blocks decode in gguf-py to llmq's dequantization (q/k rows
+    permuted where llama.cpp wants them), norms as llama.cpp computes them (Gemma: 1 + w), the family's own keys."""
+    from llmq.gguf_names import FAMILIES
+
+    fam = FAMILIES[model_type]
+    src = ksrc(model_type)
+    q = quantize(src, tmp_path / "q", "--gguf-recipe", "Q4_K_M")
+    s = llmq.export(q, tmp_path / "m.gguf", "gguf")
+    assert s["exact_modules"] == s["modules"] > 0 and s["max_weight_diff"] == 0.0
+    r, tensors = read(tmp_path / "m.gguf")
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+    assert f["general.architecture"] == fam.arch and f[f"{fam.arch}.block_count"] == 2
+    for k, v in FAMILY_KEYS[model_type].items():
+        assert f[k] == pytest.approx(v), k
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch.upper()], 2)
+    model = llmq.load_quantized(q, backend="reference")
+    sd = model.state_dict()
+    n_linear = 0
+    for name, mod in model.named_modules():
+        if hasattr(mod, "scheme"):
+            t = tensors[names.get_name(f"{name}.weight", try_suffixes=(".weight",))]
+            got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(mod.out_features, -1)
+            want = expected_rows(name, mod.quantized_weight().dequantize(torch.float32), permute=fam.permute)
+            assert np.array_equal(got, want.numpy()), name
+            n_linear += 1
+    assert n_linear == s["modules"]
+    norms = [k for k in sd if k.endswith("norm.weight")]
+    assert norms
+    for k in norms:
+        got = np.asarray(tensors[names.get_name(k, try_suffixes=(".weight",))].data)
+        assert np.array_equal(got, (sd[k].float() + fam.norm_shift).numpy()), k
+
+
+def test_families_llama_cpp_cannot_run_as_written_are_refused(ksrc, tmp_path, capsys):
+    """Refused before a byte is written, with the reason: a query scale llama.cpp does not compute, MLA."""
+    q = quantize(ksrc("gemma3_text", query_pre_attn_scalar=256), tmp_path / "q", "--format", "q4_0")
+    assert main(["export", str(q), str(tmp_path / "m.gguf"), "--to", "gguf"]) == 2
+    assert "query_pre_attn_scalar 256 differs from head_dim 16" in capsys.readouterr().err
+    ds = quantize(ksrc("deepseek_v3", kv_lora_rank=32), tmp_path / "ds", "--format", "q8_0")
+    assert main(["export", str(ds), str(tmp_path / "m.gguf"), "--to", "gguf"]) == 2
+    assert "attn_k_b (transposed)" in capsys.readouterr().err and not list(tmp_path.glob("*.gguf"))
+
+
 def test_fallback_types_and_tied_embeddings(tiny_dir, tmp_path):
     """Rows of 64 hold no 256-column K-quant: llama.cpp's fallback types; tied embeddings get the output's type."""
     src = tiny_dir("llama", tokenizer=True, tie_word_embeddings=True)

@@ -22,15 +22,19 @@ _BASE = TINY["llama"]
 # (granite), NoPE layers (smollm3)
 FAMILIES = {
     "qwen3": {**_BASE, "head_dim": 16},
-    "gemma2": {**_BASE, "head_dim": 16},
-    "gemma3_text": {**_BASE, "head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    # query_pre_attn_scalar = head_dim as in every released Gemma but 27B (llama.cpp computes that scale itself)
+    "gemma2": {**_BASE, "head_dim": 16, "query_pre_attn_scalar": 16},
+    "gemma3_text": {**_BASE, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "full_attention"]},
     "phi3": {**_BASE, "pad_token_id": 0},
     "olmo2": {**_BASE, "pad_token_id": 0},
     "deepseek_v3": {**_BASE, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
                     "v_head_dim": 16, "head_dim": 8, "first_k_dense_replace": 2, "n_routed_experts": 4,
                     "num_experts_per_tok": 2, "moe_intermediate_size": 32},
     "glm4": {**_BASE, "pad_token_id": 0, "head_dim": 16},
-    "granite": {**_BASE},
+    # Granite 3's multipliers (all 1.0 by default: an attention scale of 1 no released Granite has)
+    "granite": {**_BASE, "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0,
+                "attention_multiplier": 0.0625},
     "smollm3": {**_BASE, "pad_token_id": 0},
 }  # fmt: skip
 TINY |= FAMILIES

@@ -1,13 +1,14 @@
 """`llmq export SRC DEST.gguf --to gguf`: an llmq checkpoint of llama.cpp block formats as one GGUF file that
 llama.cpp runs as it is.
 
-The quantized linears are llama.cpp's blocks already (formats/ggml.py: RTN or GPTQ chose the codes on that grid);
-they are copied byte for byte, only renamed (gguf-py's tensor map) and, for the GGUF "llama" architecture, their
-q/k rows permuted as convert_hf_to_gguf.py permutes them. Nothing is dequantized and re-rounded. int4 / int8
-symmetric g32 schemes with fp16 scales are Q4_0 / Q8_0 exactly and are re-laid into those blocks. The tensors llmq
-keeps in full precision: norms and biases in F32; the token embeddings and output head in the type llama-quantize
-gives them for the checkpoint's mix (recipes.output_type: Q6_K, or Q8_0 where the rows are no multiple of 256),
-by round-to-nearest as llama-quantize does, or in `embedding_type` (f16, f32, or a block type).
+The quantized linears are llama.cpp's blocks already (formats/ggml.py: RTN or GPTQ chose the codes on that grid); they
+are copied byte for byte, only renamed (gguf-py's tensor map) and, for the families llama.cpp stores that way
+(gguf_names.FAMILIES: Llama, Mistral, Granite, SmolLM3), their q/k rows permuted as convert_hf_to_gguf.py permutes them;
+Gemma's norms are written as 1 + w, as the converter writes them. Nothing is dequantized and re-rounded. int4 / int8
+symmetric g32 schemes with fp16 scales are Q4_0 / Q8_0 exactly and are re-laid into those blocks. The tensors llmq keeps
+in full precision: norms and biases in F32; the token embeddings and output head in the type llama-quantize gives them
+for the checkpoint's mix (recipes.output_type: Q6_K, or Q8_0 where the rows are no multiple of 256), by round-to-nearest
+as llama-quantize does, or in `embedding_type` (f16, f32, or a block type).
 
 Metadata: taken from a GGUF of the same model when there is one (`metadata=`, or the .gguf the checkpoint was
 converted from, when it is still there): architecture, tokenizer and chat template as they were. Otherwise written
@@ -87,7 +88,11 @@ def export(src, dest, embedding_type: str = "auto", metadata=None, overwrite: bo
     if embedding_type not in EMBEDDING_TYPES:
         raise LlmqError(f"--gguf-embedding-type {embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
     config, rec = record.read(src)
-    arch, permute = gguf_names.arch_of(config.get("model_type"))
+    fam = gguf_names.family_of(config.get("model_type"))
+    try:
+        own = fam.metadata(config)  # the family's keys; raises where llama.cpp would compute another model
+    except LlmqError as e:
+        raise LlmqError(f"{src} cannot be exported --to gguf: {e}; nothing was written") from None
     reader = CheckpointReader(src, verify=True)
     if verify.enabled():  # llama.cpp is never handed a NaN (llmq/verify.py)
         codec.verify_values(reader, rec)
@@ -101,15 +106,14 @@ def export(src, dest, embedding_type: str = "auto", metadata=None, overwrite: bo
     tmp = dest.parent / f".{dest.name}.llmq-export-tmp"
     tmp.unlink(missing_ok=True)
     try:
-        w = gguf.GGUFWriter(tmp, arch)
+        w = gguf.GGUFWriter(tmp, fam.arch)
         if meta_src is not None:
-            _copy_metadata(w, meta_src, arch)
+            _copy_metadata(w, meta_src, fam.arch)
         else:
-            _hf_metadata(w, config, src, arch)
+            _hf_metadata(w, config, src, own)
         w.add_file_type(FTYPES[mix])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        table, diffs, digests = _add_tensors(w, rec, reader, config, names, types, permute, mix, embedding_type,
-                                             quiet)  # fmt: skip
+        table, diffs, digests = _add_tensors(w, rec, reader, config, names, types, fam, mix, embedding_type, quiet)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=not quiet)
@@ -174,12 +178,15 @@ def _copy_metadata(w: gguf.GGUFWriter, path: Path, arch: str) -> None:
         w.add_key_value(key, f.contents(), vtype, sub)
 
 
-def _hf_metadata(w: gguf.GGUFWriter, c: dict, src: Path, arch: str) -> None:
-    """What convert_hf_to_gguf.py writes for a Llama / Qwen2 model with a byte-level BPE tokenizer."""
-    if c.get("rope_scaling"):
-        raise LlmqError(f"{src}: rope_scaling {c['rope_scaling']} is not written by this exporter; pass "
-                        "--gguf-metadata with a GGUF of the same model")  # fmt: skip
+def _hf_metadata(w: gguf.GGUFWriter, c: dict, src: Path, own: dict) -> None:
+    """What convert_hf_to_gguf.py writes for the model's family (gguf_names.FAMILIES: the common keys, then the
+    family's own, `own`) with a byte-level BPE tokenizer."""
     heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    try:
+        rope = gguf_names.rope_metadata(c, head_dim)
+    except LlmqError as e:
+        raise LlmqError(f"{src}: {e}") from None
     w.add_name(Path(src).name)
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(c["hidden_size"])
@@ -188,12 +195,11 @@ def _hf_metadata(w: gguf.GGUFWriter, c: dict, src: Path, arch: str) -> None:
     w.add_head_count(heads)
     w.add_head_count_kv(c.get("num_key_value_heads") or heads)
     w.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    w.add_rope_freq_base(float(c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))))
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
-    w.add_rope_dimension_count(head_dim)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_vocab_size(c["vocab_size"])
+    for method, value in (rope | own).items():
+        getattr(w, method)(value)
     _bpe_tokenizer(w, src, c["vocab_size"])
 
 
@@ -252,8 +258,8 @@ def pre_tokenizer(src: Path) -> tuple[str, bool, bool]:
     return PRE_TOKENIZERS.get(h, "default"), bos, eos
 
 
-def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: dict, permute: bool, mix: str,
-                 embedding_type: str, quiet: bool):  # fmt: skip
+def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: dict, fam: gguf_names.Family,
+                 mix: str, embedding_type: str, quiet: bool):  # fmt: skip
     """Add every tensor; returns (name -> (GGUF name, type, weights, bytes), and for each quantized linear by GGUF
     name: the largest |gguf-py's dequantization of its blocks - llmq's| (0: bit for bit), and the blocks' sha256)."""
     table, diffs, digests, done = {}, {}, {}, set()
@@ -261,7 +267,7 @@ def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: d
     kv_heads = config.get("num_key_value_heads") or heads
 
     def rows(hf_name: str, t):
-        if not permute:
+        if not fam.permute:
             return t
         if ".q_proj." in hf_name:
             return gguf_names.rotary_permute(t, heads)
@@ -290,6 +296,8 @@ def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: d
         if not t.is_floating_point():
             raise LlmqError(f"{k}: a {t.dtype} tensor; the GGUF export writes float tensors only")
         t = rows(k, t.float())
+        if fam.norm_shift and k.endswith("norm.weight"):
+            t = t + fam.norm_shift  # convert_hf_to_gguf.py's Gemma norms: llama.cpp computes x * w
         if t.dim() == 1:
             arr, qtype = t.numpy(), gguf.GGMLQuantizationType.F32
             w.add_tensor(gname, arr)
