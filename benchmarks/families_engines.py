@@ -3,7 +3,7 @@ compressed-tensors export in vLLM's CPU build, each against llmq running its own
 
 Three steps; vLLM pins its own torch and runs in a venv of its own:
 
-    # 1. in llmq's venv (the README's), with llama.cpp built as benchmarks/gguf.py's docstring says (GGML_NATIVE=OFF
+    # 1. in llmq's venv (the README's), with llama.cpp built as benchmarks/gguf_bench.py's docstring says (GGML_NATIVE=OFF
     #    and -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
     #    -DGGML_AMX_BF16=OFF on a machine whose AMX the build would otherwise pick up):
     python benchmarks/families_engines.py llama-cpp --llama-cpp .../llama.cpp/build/bin [--work /tmp/llmq-engines]

@@ -211,6 +211,15 @@ def describe(config, spec: ArchSpec | None = None) -> dict:
             "not_quantized": {"outside the decoder layers": outside, "never called by the layer": unused}}  # fmt: skip
 
 
+def linear_shapes_of(config, spec: ArchSpec | None = None) -> tuple[dict[str, tuple[int, int]], int]:
+    """({full name: (out, in)} of every linear to quantize, the number of decoder layers), from the meta model: what a
+    plan needs, before any weight is read."""
+    spec = spec or arch_for(config)
+    model = _meta_model(config)
+    names = quantizable_names(model, spec)
+    return {n: tuple(weight_of(model.get_submodule(n), spec).shape) for n in names}, len(decoder_layers(model, spec))
+
+
 def describe_lines(d: dict) -> list[str]:
     n = sum(len(g) for g in d["groups"])
     out = [f"{d['model_type']}: {d['n_layers']} decoder layers ({d['layers']}, {d['layer_class']}), {n} linears each "

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import transformers
 
-from . import formats, recipes, sources
-from .archs import describe, describe_lines
+from . import formats, recipes, sources, targets
+from .archs import describe, describe_lines, linear_shapes_of
 from .checkpoint import atomic_write_json
 from .config import (
     GPTQ_CLIP_SEARCH,
@@ -23,10 +23,11 @@ from .config import (
     CalibConfig,
     GPTQConfig,
     MixedConfig,
+    QuantPlan,
     QuantScheme,
     scheme_from_name,
 )
-from .convert import ConvertRequest, convert
+from .convert import ConvertRequest, convert, shaped_plan
 from .dtypes import DTYPE_NAMES
 from .distributed import DEFAULT_TIMEOUT_S
 from .errors import LlmqError
@@ -78,13 +79,14 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheme")
     g.add_argument("--bits", type=int, default=None,
                    help="code width: 2, 3, 4 or 8 for int (default 4); a codebook format implies its own")
-    g.add_argument("--format", choices=tuple(formats.FORMATS), default="int",
+    g.add_argument("--format", choices=tuple(formats.FORMATS), default=None,
                    help="; ".join(f"{n}: {f.help}" for n, f in formats.FORMATS.items())
-                   + " (codebooks are absmax-scaled per group; docs/FORMAT.md)")
+                   + " (default int; codebooks are absmax-scaled per group; docs/FORMAT.md)")
     g.add_argument("--group-size", type=int, default=None,
                    help="columns per scale: 32/64/128/256 (any >= 16), -1 per output channel, 0 per tensor "
                         "(default 128; llama.cpp's block formats q4_0 ... q6_k fix their own)")
-    g.add_argument("--sym", action="store_true", help="symmetric integer grid (no zero points stored)")
+    g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric integer grid (no zero points stored); default asymmetric, or what --for picks")
     g.add_argument("--double-quant", action="store_true", help="re-quantize the scales to 8 bits (QLoRA)")
     g.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="per group, search the range shrink with least error (default: on with --method gptq, "
@@ -100,7 +102,7 @@ def scheme_from_args(a) -> QuantScheme:
     clip = a.clip_search
     if clip is None:  # the measured default: GPTQ with clip search (GPTQ_CLIP_SEARCH), RTN as before
         clip = GPTQ_CLIP_SEARCH if a.method == "gptq" else False
-    return QuantScheme(bits=a.bits, format=a.format, group_size=a.group_size, sym=a.sym,
+    return QuantScheme(bits=a.bits, format=a.format or "int", group_size=a.group_size, sym=bool(a.sym),
                        double_quant=a.double_quant, scale_dtype=a.scale_dtype, clip_search=clip,
                        outliers=a.outliers)  # fmt: skip
 
@@ -111,20 +113,24 @@ def quantize_request(a) -> ConvertRequest:
         raise LlmqError("--candidates is only used with --target-bpw BITS (mixed precision)")
     if a.granularity == "row" and a.target_bpw is None:
         raise LlmqError("--granularity row is only used with --target-bpw BITS (mixed precision)")
+    a.method = a.method or "rtn"
     gptq = a.method == "gptq"
     mixed = None if a.target_bpw is None else MixedConfig(a.target_bpw, a.candidates, a.granularity)
     gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups, inputs=a.gptq_inputs,
                       sequential=a.gptq_sequential, replay=a.gptq_replay) if gptq else None  # fmt: skip
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
                         token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
-    if a.gguf_recipe is not None and (a.format != "int" or a.bits is not None or a.group_size is not None):
+    if a.gguf_recipe is not None and (a.format not in (None, "int") or a.bits is not None or a.group_size is not None):
         raise LlmqError("--gguf-recipe chooses every tensor's llama.cpp type; leave out --format/--bits/--group-size")
     return ConvertRequest(a.model, Path(a.out), a.method, scheme_from_args(a), gcfg, calib, mixed, a.gguf_recipe,
                           a.dtype, a.max_shard_size, a.device, a.offload_activations, a.overwrite, a.quiet,
                           RotationConfig(a.rotate, a.rotate_seed), a.dist_timeout)  # fmt: skip
 
 
-def cmd_quantize(a) -> int:
+def cmd_quantize(a, on_layer_done=None) -> int:
+    """`llmq quantize`; `on_layer_done(i)` runs once decoder layer i is on disk (tests interrupt a run there)."""
+    if a.for_:
+        return quantize_for(a, on_layer_done)
     req = quantize_request(a)
     if a.dry_run:  # what discovery finds, from the config alone: no weight is read, nothing is written
         config = sources.load_config(sources.resolve(a.model))
@@ -133,9 +139,53 @@ def cmd_quantize(a) -> int:
             Rotation(req.rotate, config)  # refused here, with the reason, where the family cannot be rotated
         print(json.dumps(found, indent=2) if a.json else "\n".join(describe_lines(found)))
         return 0
-    summary = convert(req)
+    summary = convert(req, on_layer_done)
     if a.json and summary:  # under torchrun only rank 0 has the summary
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def quantize_for(a, on_layer_done=None) -> int:
+    """`llmq quantize MODEL OUT --for TARGETS` (llmq/targets.py): pick and check against the targets' exporters from
+    the config alone, convert into OUT.llmq (resumable), export every target into OUT."""
+    wanted = targets.parse(a.for_)
+    if all(t.exporter == "llmq" for t in wanted):
+        a.for_ = None
+        return cmd_quantize(a, on_layer_done)
+    out = Path(a.out)
+    targets.check_out(out, a.overwrite)
+    src = sources.resolve(a.model)
+    config = sources.load_config(src)
+    shapes, n_layers = linear_shapes_of(config)
+    picked = targets.choose(wanted, {c for _, c in shapes.values()}, bits=a.bits, group_size=a.group_size, sym=a.sym,
+                            fmt=a.format, gguf_recipe=a.gguf_recipe)  # fmt: skip
+    a.bits, a.group_size, a.sym, a.format, a.gguf_recipe = (picked[k] for k in ("bits", "group_size", "sym", "format",
+                                                                                  "gguf_recipe"))  # fmt: skip
+    a.method = a.method or "gptq"  # the measured recipe (benchmarks/results/gptq_recipe.md)
+    a.out = str(targets.work_dir(out))
+    req = quantize_request(a)
+    plan = shaped_plan(req, QuantPlan(req.scheme), config, shapes, n_layers)
+    base = {"clip_search": req.scheme.clip_search, "scale_dtype": req.scheme.scale_dtype, "sym": req.scheme.sym}
+    cands = req.mixed.schemes(**base) if req.mixed else None
+    permuted = bool(req.gptq and req.gptq.act_order and not req.gptq.static_groups)
+    problems = targets.why_not(wanted, plan, shapes, config.to_dict(), cands, bool(req.mixed and req.mixed.granularity
+                               == "row"), permuted, {"name": req.method})  # fmt: skip
+    if problems:
+        raise LlmqError("cannot quantize for " + ", ".join(t.name for t in wanted) + " as asked (nothing was read or "
+                        "written):\n  " + "\n  ".join(problems) + targets.hint(wanted, shapes))  # fmt: skip
+    if not a.quiet:
+        print(f"for {', '.join(t.name for t in wanted)}: {req.method} "
+              f"{req.gguf_recipe or req.scheme.describe()}; llmq checkpoint in {a.out}, then {out}", flush=True)
+    summary = convert(req, on_layer_done)
+    if not summary:  # a rank other than 0 under torchrun: rank 0 exports
+        return 0
+    keep = a.keep_llmq or any(t.exporter == "llmq" for t in wanted)
+    done = targets.export_all(wanted, Path(a.out), out, a.dtype, a.quiet, keep)
+    if a.json:
+        print(json.dumps({"quantize": summary, "exports": done}, indent=2))
+    elif not a.quiet:
+        kept = f"; the llmq checkpoint is kept in {a.out}" if keep else ""
+        print(f"wrote {out} for {', '.join(done)}{kept}")
     return 0
 
 
@@ -196,7 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize MODEL (HF dir, hub id or .gguf file) into the checkpoint dir OUT.")
     q.add_argument("model", metavar="MODEL", help="Hugging Face model dir, hub id, or .gguf file")
     q.add_argument("out", metavar="OUT", help="output directory (must be new or empty, see --overwrite)")
-    q.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="round-to-nearest or GPTQ (default rtn)")
+    q.add_argument("--method", choices=("rtn", "gptq"), default=None,
+                   help="round-to-nearest or GPTQ (default rtn; gptq with --for)")
+    q.add_argument("--for", dest="for_", default=None, metavar="TARGET[,TARGET]",
+                   help="what OUT is for: " + ", ".join(targets.NAMES) + ". The target picks the scheme it can hold "
+                        "and the measured best recipe (your flags override), everything is checked before a weight "
+                        "is read, and OUT holds what the engine loads (the llmq checkpoint is written, resumable, "
+                        "in OUT.llmq and removed at the end; --keep-llmq keeps it). Default llmq: OUT is llmq's own "
+                        "checkpoint")
+    q.add_argument("--keep-llmq", action="store_true", help="with --for: keep the llmq checkpoint in OUT.llmq")
     add_scheme_args(q)
     g = q.add_argument_group("gptq / calibration")
     g.add_argument("--calib", default=None, metavar="PATH|NAME",

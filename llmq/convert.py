@@ -253,6 +253,19 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
     return summary
 
 
+def shaped_plan(req: ConvertRequest, plan: QuantPlan, config, shapes: dict[str, tuple[int, int]],
+                n_layers: int) -> QuantPlan:  # fmt: skip
+    """`plan` (the request's scheme, or mixed precision's allocation) with a GGUF recipe's type per linear and
+    llama.cpp's fallback where a block does not fit: from the shapes alone, so `--for` can check it before any work."""
+    if req.gguf_recipe:
+        heads = getattr(config, "num_attention_heads", 1)
+        gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
+        tensors = recipes.gguf_tensors(config.model_type, shapes, n_layers)
+        plan = recipes.recipe_plan(req.gguf_recipe, tensors, n_layers, gqa, calibrated=req.calib is not None,
+                                   clip_search=req.scheme.clip_search)  # fmt: skip
+    return recipes.resolve_shapes(plan, shapes)[0]
+
+
 def _prepare(req: ConvertRequest, lazy: LazyModel, calib, world: World):
     """Before the layer loop: (plan, mixed-precision allocation or None, GPTQ activations or None)."""
     plan, alloc, acts = QuantPlan(req.scheme), None, None
@@ -262,14 +275,8 @@ def _prepare(req: ConvertRequest, lazy: LazyModel, calib, world: World):
         base = {"clip_search": req.scheme.clip_search, "scale_dtype": req.scheme.scale_dtype, "sym": req.scheme.sym}
         plan, alloc = mixed_precision.conversion_plan(lazy, calib, req.mixed, base, req.method, req.gptq, req.out,
                                                       req.quiet, world)  # fmt: skip
-    shapes = linear_shapes(lazy.model)
-    if req.gguf_recipe:
-        cfg, n = lazy.model.config, len(decoder_layers(lazy.model, lazy.spec))
-        heads = getattr(cfg, "num_attention_heads", 1)
-        gqa = heads // (getattr(cfg, "num_key_value_heads", None) or heads)
-        plan = recipes.recipe_plan(req.gguf_recipe, recipes.gguf_tensors(cfg.model_type, shapes, n), n, gqa,
-                                   calibrated=calib is not None, clip_search=req.scheme.clip_search)  # fmt: skip
-    plan = recipes.resolve_shapes(plan, shapes)[0]
+    n_layers = len(decoder_layers(lazy.model, lazy.spec))
+    plan = shaped_plan(req, plan, lazy.model.config, linear_shapes(lazy.model), n_layers)
     if req.gptq:
         device = world.local_device(req.device) or "cpu"
         acts = start_activations(lazy.model, lazy.spec, calib, device, "cpu" if req.offload_activations else device,

@@ -6,7 +6,7 @@ This is llama-quant.cpp's `llama_tensor_get_type` (llama.cpp as vendored in llam
 models: the per-category rules of each mix (attn_v / ffn_down get more bits in some layers, attn_output in the
 Q3_K mixes), the tied-embedding / output rule, and `tensor_type_fallback` for rows that are no multiple of a block.
 Not reproduced: MoE (8-expert) and 70B-specific bumps, Falcon, and the IQ mixes (llmq has no IQ grids).
-`tests/test_gguf.py` pins the rules; benchmarks/gguf.py checks them against llama-quantize's own choices.
+`tests/test_gguf.py` pins the rules; benchmarks/gguf_bench.py checks them against llama-quantize's own choices.
 """
 from __future__ import annotations
 

@@ -6,8 +6,7 @@ import os
 import signal
 import sys
 
-from llmq.cli import build_parser, quantize_request
-from llmq.convert import convert
+from llmq.cli import build_parser, cmd_quantize
 
 
 def kill_after(n: int):
@@ -20,4 +19,4 @@ def kill_after(n: int):
 
 if __name__ == "__main__":
     args = build_parser().parse_args(["quantize", *sys.argv[2:]])
-    convert(quantize_request(args), on_layer_done=kill_after(int(sys.argv[1])))
+    cmd_quantize(args, on_layer_done=kill_after(int(sys.argv[1])))

@@ -29,7 +29,7 @@ LAYERS = [
     ["llmq.exporters.common", "llmq.exporters.compressed_tensors", "llmq.exporters.gptq", "llmq.exporters.gguf",
      "llmq.exporters"],
     ["llmq.inspect", "llmq.eval", "llmq.eval.perplexity", "llmq.eval.run", "llmq.eval.report", "llmq.eval.plots"],
-    ["llmq.convert"],
+    ["llmq.convert", "llmq.targets"],
     ["llmq.cli", "llmq", "llmq.__main__"],
 ]  # fmt: skip
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
@@ -120,3 +120,72 @@ def test_only_the_record_reads_quantization_config(mod):
     tree = ast.parse(MODULES[mod].read_text())
     used = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in RECORD_KEYS}
     assert used == set(), f"{mod} reads quantization_config keys {used}: ask llmq.record.CheckpointRecord"
+
+
+# ---- the whole tree: scripts too ----------------------------------------------------------------------------------
+SCRIPT_DIRS = ("benchmarks", "tests", "examples")  # run with their own dir first on sys.path (and tests/ for tiny.py)
+
+
+def scripts() -> dict[str, Path]:
+    return {f"{d}/{f.stem}": f for d in SCRIPT_DIRS for f in sorted((REPO / d).glob("*.py"))}
+
+
+def tree_edges() -> dict[str, set[str]]:
+    """Every module of the tree (llmq's by dotted name, scripts as DIR/NAME) -> the modules of the tree it imports:
+    `import X` in a script is X.py beside it, else tests/X.py (what benchmarks put on sys.path), else llmq's."""
+    graph = {a: {b} for a, b, _ in edges()}
+    for a, b, _ in edges():
+        graph[a].add(b)
+    for name, f in scripts().items():
+        here = name.split("/")[0]
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                tops = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                tops = [node.module]
+            else:
+                continue
+            for t in tops:
+                first = t.split(".")[0]
+                if (REPO / here / f"{first}.py").is_file():
+                    deps.add(f"{here}/{first}")
+                elif (REPO / "tests" / f"{first}.py").is_file():
+                    deps.add(f"tests/{first}")
+                elif t in MODULES:
+                    deps.add(t)
+    return graph
+
+
+def test_the_whole_tree_has_no_import_loop():
+    """benchmarks, tests and examples included (issue 38: benchmarks/gguf.py and gguf_llama_cpp.py imported each
+    other through a shim)."""
+    graph = tree_edges()
+    assert "benchmarks/common" in graph["benchmarks/families"] and "tests/tiny" in graph["benchmarks/families"]
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                pytest.fail("import loop: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_no_script_shadows_an_installed_module():
+    """A script dir leads sys.path when its scripts run: a file there named like an installed module (gguf.py) hides
+    that module from every script beside it."""
+    import importlib.machinery
+    import sys
+
+    ours = {REPO, *(REPO / d for d in SCRIPT_DIRS)}
+    outside = [p for p in sys.path if p and Path(p).resolve() not in ours]
+    shadows = [n for n in scripts() if (stem := n.split("/")[1]) not in ("conftest",) and (
+        stem in sys.builtin_module_names or importlib.machinery.PathFinder.find_spec(stem, outside) is not None)]
+    assert shadows == []

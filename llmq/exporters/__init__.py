@@ -36,14 +36,20 @@ from . import compressed_tensors, gguf, gptq
 EXPORTERS: dict[str, ModuleType] = {m.NAME: m for m in (compressed_tensors, gptq)}
 TARGETS = (*EXPORTERS, gguf.NAME)  # gguf writes one file, not a model dir: exporters/gguf.py
 SUMMARY_NAME = "llmq_export.json"
+# what `llmq quantize --for` would have written for this target (llmq/targets.py), said with a refusal
+FOR_HINT = {"compressed-tensors": "`llmq quantize MODEL OUT --for vllm` (or sglang, transformers) picks a scheme "
+                                  "compressed-tensors holds and exports it in the same run",
+            "gptq": "`llmq quantize MODEL OUT --for gptq` picks a scheme GPTQ holds and exports it in the same run",
+            "gguf": gguf.FOR_HINT}  # fmt: skip
 NOT_COPIED = {"config.json", INDEX_NAME, "summary.json", "README.md", "llmq_progress.json", "sensitivity.json",
               "sensitivity_rows.safetensors"}  # fmt: skip
 
 
 def export(src, dest, to: str, dtype: str = "float16", gptq_format: str = "v1", overwrite: bool = False,
-           quiet: bool = True, gguf_embedding_type: str = "auto", gguf_metadata=None) -> dict:  # fmt: skip
+           quiet: bool = True, gguf_embedding_type: str = "auto", gguf_metadata=None, shown_as=None) -> dict:  # fmt: skip
     """Export the llmq checkpoint `src` as a `to` checkpoint into `dest` (for "gguf": one file); returns the export
-    summary. gguf_embedding_type / gguf_metadata: see exporters/gguf.py."""
+    summary. gguf_embedding_type / gguf_metadata: see exporters/gguf.py. shown_as: the path the summary and the model
+    card name (default dest; `--for` writes into a staging dir that is renamed afterwards)."""
     if to == gguf.NAME:
         return gguf.export(src, dest, gguf_embedding_type, gguf_metadata, overwrite, quiet)
     if to not in EXPORTERS:
@@ -70,9 +76,9 @@ def export(src, dest, to: str, dtype: str = "float16", gptq_format: str = "v1", 
         for f in sorted(src.iterdir()):  # tokenizer, generation config, chat template
             if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
-        summary = _summary(src, dest, to, dtype, opts, rec, diffs, time.perf_counter() - t0)
-        atomic_write_json(tmp / SUMMARY_NAME, summary)
-        atomic_write_text(tmp / "README.md", model_card(summary, exporter.serving(str(dest))))
+        summary = _summary(src, Path(shown_as or dest), to, dtype, opts, rec, diffs, time.perf_counter() - t0)
+        atomic_write_json(tmp / SUMMARY_NAME, {k: v for k, v in summary.items() if k != "seconds"})  # same on rerun
+        atomic_write_text(tmp / "README.md", model_card(summary, exporter.serving(str(shown_as or dest))))
         model_config = record.model_config(record.without_record(config), exporter.config(rec, opts), dtype)
         writer.finish(model_config)  # shards renamed, index, then config.json last
         if dest.exists():
@@ -113,7 +119,8 @@ def _check_modules(exporter, rec: record.CheckpointRecord, reader: CheckpointRea
         problems.insert(0, f"the model {model_why}")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise LlmqError(f"{src} cannot be exported --to {to}: {problems[0]}{more}; nothing was written")
+        raise LlmqError(f"{src} cannot be exported --to {to}: {problems[0]}{more}; nothing was written. "
+                        f"{FOR_HINT[to]}")
 
 
 def _write_tensors(exporter, rec, reader: CheckpointReader, writer: CheckpointWriter, dtype: torch.dtype, opts: dict,

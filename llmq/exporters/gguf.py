@@ -48,6 +48,8 @@ from ..summary import versions
 log = logging.getLogger("llmq")
 NAME = "gguf"
 EMBEDDING_TYPES = ("auto", "f16", "f32", *ggml.TYPES)
+FOR_HINT = ("`llmq quantize MODEL OUT --for llama.cpp:Q4_K_M` (or another mix) quantizes to llama.cpp's types and "
+            "writes the GGUF in the same run")  # fmt: skip
 SKIPPED_KEYS = ("GGUF.", "general.file_type", "general.quantization_version")
 # ftype recorded in general.file_type, by mix or by the dominant block type
 FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
@@ -126,6 +128,20 @@ def export(src, dest, embedding_type: str = "auto", metadata=None, overwrite: bo
     return _summary(src, dest, mix, table, diffs, meta_src, time.perf_counter() - t0)
 
 
+def why_not_config(config: dict, metadata_from_config: bool = True) -> str | None:
+    """Why llama.cpp cannot run this model as the exporter writes it (the family, its own keys, the rotary
+    parameters when the metadata is written from config.json), or None: from config.json alone."""
+    try:
+        fam = gguf_names.family_of(config.get("model_type"))
+        fam.metadata(config)
+        if metadata_from_config:
+            heads = config["num_attention_heads"]
+            gguf_names.rope_metadata(config, config.get("head_dim") or config["hidden_size"] // heads)
+    except LlmqError as e:
+        return str(e)
+    return None
+
+
 def _check_modules(rec: record.CheckpointRecord, src: Path) -> dict[str, str]:
     types, problems = {}, []
     for n, m in rec.modules.items():
@@ -135,7 +151,7 @@ def _check_modules(rec: record.CheckpointRecord, src: Path) -> dict[str, str]:
         types[n] = t
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise LlmqError(f"{src} cannot be exported --to gguf: {problems[0]}{more}; nothing was written")
+        raise LlmqError(f"{src} cannot be exported --to gguf: {problems[0]}{more}; nothing was written. {FOR_HINT}")
     return types
 
 

@@ -1,5 +1,35 @@
-"""llmq's GGUF exports against llama.cpp's own quantizer, in llama.cpp, on SmolLM2: the code of benchmarks/gguf.py
-(run that; its docstring has the llama.cpp build recipe, the steps and the protocol)."""
+"""llmq's GGUF exports against llama.cpp's own quantizer, in llama.cpp, on SmolLM2: perplexity, size, decode speed.
+
+All in one run (each step's output is kept in --work, so a rerun continues where one stopped):
+
+    # llama.cpp, built once from the source vendored in the llama-cpp-python sdist (~8 min on 2 cores):
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+    cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \\
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF && cmake --build build -j2 --target llama-quantize llama-imatrix \\
+        llama-perplexity llama-bench llama-tokenize
+    # (where a native build dies with "Illegal instruction", e.g. a CPU with AMX: -DGGML_NATIVE=OFF -DGGML_AVX2=ON
+    #  -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+    # then, in llmq's venv (the README's):
+    python benchmarks/gguf_bench.py --llama-cpp .../llama.cpp/build/bin [--work /tmp/gguf-bench] [--threads 2]
+
+What it does:
+1. The full-precision model as llama.cpp's input: SmolLM2's GGUF dequantized to F32 (fp32.gguf, same metadata).
+   Calibration text: `--nsamples` x `--seqlen` token windows (seed 0) from the second half of WikiText-2 test's token
+   stream, decoded to calib.txt; evaluation text: the first `--eval-chunks` x 2048 tokens, decoded to eval.txt
+   (disjoint from calibration).
+2. llama.cpp: `llama-imatrix` on calib.txt (-c seqlen, one chunk per window), then `llama-quantize` of fp32.gguf to
+   each mix, with and without that importance matrix.
+3. llmq: `llmq quantize --method gptq --gguf-recipe MIX` with the same calibration windows (--calib-split test
+   --calib-range 0.5:1, same seed), `--gptq-inputs fp --clip-search`, then `llmq export --to gguf`. The per-tensor
+   types are checked against llama-quantize + imatrix's file (they must be the same).
+4. Every file in llama.cpp: `llama-perplexity -f eval.txt -c 2048` (its protocol: each 2048-token chunk scored on
+   its second half; SmolLM2's GGUF adds no BOS), file size, `llama-bench -p 0 -n 128` decode tokens/s.
+5. Agreement: llama.cpp running the llmq file against llmq running its own checkpoint (llmq.load_quantized, the
+   reference backend) on llama.cpp's own tokens of eval.txt with llama-perplexity's protocol; they differ by
+   llama.cpp's 8-bit activation rounding (its CPU matmuls quantize activations to Q8).
+
+Results: benchmarks/results/gguf.md + gguf.json.
+"""
 from __future__ import annotations
 
 import argparse
@@ -228,7 +258,7 @@ def report(a, rows: list[dict], agree: dict, work: Path) -> None:
     lines = [
         "# GGUF: llmq GPTQ exports vs llama.cpp's own quantizer, in llama.cpp (SmolLM2-135M)", "",
         f"Machine: {machine()['cpu']}, {a.threads} threads; llama.cpp from llama-cpp-python 0.3.36's vendored source "
-        "(GGML_NATIVE); `python benchmarks/gguf.py`.", "",
+        "(GGML_NATIVE); `python benchmarks/gguf_bench.py`.", "",
         f"Perplexity: `llama-perplexity -c {N_CTX}` on the first {a.eval_chunks} x {N_CTX} tokens of WikiText-2 test "
         "(each chunk scored on its second half, llama-perplexity's protocol; no BOS, as SmolLM2's GGUF asks). "
         f"Calibration: {a.nsamples} x {a.seqlen} tokens from the second half of the test token stream (seed 0), the "
