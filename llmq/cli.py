@@ -173,9 +173,14 @@ def quantize_for(a, on_layer_done=None) -> int:
     if problems:
         raise LlmqError("cannot quantize for " + ", ".join(t.name for t in wanted) + " as asked (nothing was read or "
                         "written):\n  " + "\n  ".join(problems) + targets.hint(wanted, shapes))  # fmt: skip
+    picks = (f"for {', '.join(t.name for t in wanted)}: {req.method} {req.gguf_recipe or req.scheme.describe()}; "
+             f"llmq checkpoint in {a.out}, then {out}")  # fmt: skip
+    if a.dry_run:  # what --for picked and what discovery found: nothing read, nothing written
+        print(json.dumps({"for": picks, **describe(config)}, indent=2) if a.json else
+              "\n".join([picks, *describe_lines(describe(config))]))  # fmt: skip
+        return 0
     if not a.quiet:
-        print(f"for {', '.join(t.name for t in wanted)}: {req.method} "
-              f"{req.gguf_recipe or req.scheme.describe()}; llmq checkpoint in {a.out}, then {out}", flush=True)
+        print(picks, flush=True)
     summary = convert(req, on_layer_done)
     if not summary:  # a rank other than 0 under torchrun: rank 0 exports
         return 0

@@ -73,6 +73,9 @@ def test_for_refuses_before_reading_a_weight(tmp_path, capsys):
     assert f"{q_proj} has group size 128, which does not divide in_features 576" in err
     assert "(and 179 more)" in err and "--bits 4 --group-size 64 --sym" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.llmq").exists()
+    capsys.readouterr()
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--for", "vllm", "--dry-run"]) == 0
+    assert "for vllm: gptq int4-asym-g64-clip" in capsys.readouterr().out and not (tmp_path / "out.llmq").exists()
     for argv, says in [(["--for", "gptq", "--no-sym"], "symmetric codes only"),
                        (["--for", "gptq", "--target-bpw", "4.5", "--candidates", "int4-g64,int8-g64"],
                         "several schemes"),
