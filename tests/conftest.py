@@ -12,6 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest-xdist's workers, one per core: one thread each (torch with
+    os.environ["OMP_NUM_THREADS"] = "1"  # more threads than cores ran GPTQ ~6x slower), and the tests' subprocesses too
+    import torch
+
+    torch.set_num_threads(1)
 from tiny import SAMPLE_TEXT, TINY, make_tiny, make_tokenizer  # noqa: F401  (re-exported to the tests)
 
 REPO = Path(__file__).resolve().parents[1]

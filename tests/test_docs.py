@@ -23,7 +23,9 @@ def blocks(page: Path) -> list[tuple[str, str]]:
     return [(m[1], m[3]) for m in FENCE.finditer(page.read_text()) if "run" in m[2].split()]
 
 
-CASES = [(p, i) for p in PAGES for i in range(len(blocks(p)))]
+# a page's blocks build on each other (one working dir): one pytest-xdist worker runs a page, in order
+CASES = [pytest.param(p, i, marks=pytest.mark.xdist_group(p.name), id=f"{p.name}:{i}") for p in PAGES
+         for i in range(len(blocks(p)))]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def test_readme_is_short_and_every_page_runs_something():
     assert all(blocks(p) for p in PAGES), [p.name for p in PAGES if not blocks(p)]
 
 
-@pytest.mark.parametrize("page, i", CASES, ids=[f"{p.name}:{i}" for p, i in CASES])
+@pytest.mark.parametrize("page, i", CASES)
 def test_block_runs(page, i, workdirs):
     root, dirs = workdirs
     cwd = dirs.setdefault(page.name, root / page.stem)
