@@ -23,19 +23,15 @@ def blocks(page: Path) -> list[tuple[str, str]]:
     return [(m[1], m[3]) for m in FENCE.finditer(page.read_text()) if "run" in m[2].split()]
 
 
-# a page's blocks build on each other (one working dir): one pytest-xdist worker runs a page, in order
-CASES = [pytest.param(p, i, marks=pytest.mark.xdist_group(p.name), id=f"{p.name}:{i}") for p in PAGES
-         for i in range(len(blocks(p)))]
-
-
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory):
+def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("docs")
     model = root / "tiny-llama"
     make_tiny("llama", vocab=300, max_position_embeddings=4096).save_pretrained(model)
     make_tokenizer(300).save_pretrained(model)
     (root / "calib.txt").write_text(SAMPLE_TEXT * 40)
-    return root, {}
+    return root, {**os.environ, "MODEL": str(model), "CALIB": str(root / "calib.txt"), "OMP_NUM_THREADS": "2",
+                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
 
 
 def test_readme_is_short_and_every_page_runs_something():
@@ -43,15 +39,14 @@ def test_readme_is_short_and_every_page_runs_something():
     assert all(blocks(p) for p in PAGES), [p.name for p in PAGES if not blocks(p)]
 
 
-@pytest.mark.parametrize("page, i", CASES)
-def test_block_runs(page, i, workdirs):
-    root, dirs = workdirs
-    cwd = dirs.setdefault(page.name, root / page.stem)
-    cwd.mkdir(exist_ok=True)
-    lang, code = blocks(page)[i]
-    env = {**os.environ, "MODEL": str(root / "tiny-llama"), "CALIB": str(root / "calib.txt"), "OMP_NUM_THREADS": "2",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-    cmd = {"bash": ["bash", "-euo", "pipefail", "-c", code], "python": [sys.executable, "-c", code]}[lang]
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    out = f"--- stdout\n{p.stdout[-2000:]}\n--- stderr\n{p.stderr[-3000:]}"
-    assert p.returncode == 0, f"{page.name} block {i}:\n{code}\n{out}"
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_page_runs(page, env):
+    """A page's blocks build on each other (a checkpoint, then its export): one test, in order, in one dir."""
+    root, environ = env
+    cwd = root / page.stem
+    cwd.mkdir()
+    for i, (lang, code) in enumerate(blocks(page)):
+        cmd = {"bash": ["bash", "-euo", "pipefail", "-c", code], "python": [sys.executable, "-c", code]}[lang]
+        p = subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
+        out = f"--- stdout\n{p.stdout[-2000:]}\n--- stderr\n{p.stderr[-3000:]}"
+        assert p.returncode == 0, f"{page.name} block {i}:\n{code}\n{out}"
