@@ -165,11 +165,11 @@ def quantize_for(a, on_layer_done=None) -> int:
     a.out = str(targets.work_dir(out))
     req = quantize_request(a)
     plan = shaped_plan(req, QuantPlan(req.scheme), config, shapes, n_layers)
-    base = {"clip_search": req.scheme.clip_search, "scale_dtype": req.scheme.scale_dtype, "sym": req.scheme.sym}
-    cands = req.mixed.schemes(**base) if req.mixed else None
+    cands = req.mixed.schemes(**req.candidate_base()) if req.mixed else None
     permuted = bool(req.gptq and req.gptq.act_order and not req.gptq.static_groups)
-    problems = targets.why_not(wanted, plan, shapes, config.to_dict(), cands, bool(req.mixed and req.mixed.granularity
-                               == "row"), permuted, {"name": req.method})  # fmt: skip
+    rows = bool(req.mixed and req.mixed.granularity == "row")
+    problems = targets.why_not(wanted, plan, shapes, config.to_dict(), cands, rows, permuted, {"name": req.method},
+                               metadata_from_config=src.kind != "gguf")  # fmt: skip
     if problems:
         raise LlmqError("cannot quantize for " + ", ".join(t.name for t in wanted) + " as asked (nothing was read or "
                         "written):\n  " + "\n  ".join(problems) + targets.hint(wanted, shapes))  # fmt: skip

@@ -110,6 +110,10 @@ class ConvertRequest:
             raise LlmqError(f"--max-shard-size {self.max_shard_size} bytes: give a size of at least 1KB with its unit, "
                             "e.g. 2GB (the default) or 500MB")  # fmt: skip
 
+    def candidate_base(self) -> dict:
+        """The fields mixed precision's candidates take from `scheme` (a candidate's name leaves them out)."""
+        return {"clip_search": self.scheme.clip_search, "scale_dtype": self.scheme.scale_dtype, "sym": self.scheme.sym}
+
     def fingerprint_args(self, src) -> dict:
         """Everything that changes the output: a resumed conversion must match this exactly."""
         calib = dataclasses.asdict(self.calib) if self.calib else None
@@ -272,9 +276,8 @@ def _prepare(req: ConvertRequest, lazy: LazyModel, calib, world: World):
     if req.mixed or req.gptq:
         lazy.load_rest(head=req.mixed is not None)  # embeddings for calibration (the whole model for sensitivity)
     if req.mixed:
-        base = {"clip_search": req.scheme.clip_search, "scale_dtype": req.scheme.scale_dtype, "sym": req.scheme.sym}
-        plan, alloc = mixed_precision.conversion_plan(lazy, calib, req.mixed, base, req.method, req.gptq, req.out,
-                                                      req.quiet, world)  # fmt: skip
+        plan, alloc = mixed_precision.conversion_plan(lazy, calib, req.mixed, req.candidate_base(), req.method,
+                                                      req.gptq, req.out, req.quiet, world)  # fmt: skip
     n_layers = len(decoder_layers(lazy.model, lazy.spec))
     plan = shaped_plan(req, plan, lazy.model.config, linear_shapes(lazy.model), n_layers)
     if req.gptq:

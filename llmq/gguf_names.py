@@ -129,10 +129,14 @@ def rope_parameters(c: dict) -> dict:
     return p
 
 
-def rope_metadata(c: dict, head_dim: int) -> dict:
+def head_dim(c: dict) -> int:
+    return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+
+
+def rope_metadata(c: dict) -> dict:
     p = rope_parameters(c)
     out = {"add_rope_freq_base": float(p.get("rope_theta", 10000.0)),
-           "add_rope_dimension_count": int(head_dim * p.get("partial_rotary_factor", 1.0))}  # fmt: skip
+           "add_rope_dimension_count": int(head_dim(c) * p.get("partial_rotary_factor", 1.0))}  # fmt: skip
     if p["rope_type"] == "linear":
         out |= {"add_rope_scaling_type": gguf.RopeScalingType.LINEAR, "add_rope_scaling_factor": float(p["factor"])}
     elif p["rope_type"] != "default":

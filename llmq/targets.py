@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import exporters, recipes
 from .checkpoint import atomic_write_json, atomic_write_text
-from .config import QuantPlan, QuantScheme, scheme_from_name
+from .config import QuantPlan, QuantScheme
 from .errors import LlmqError
 from .exporters import gguf
 from .formats.grouping import PER_CHANNEL
@@ -147,19 +147,20 @@ def _flag(key: str, v) -> str:
 
 def why_not(targets: tuple[Target, ...], plan: QuantPlan, shapes: dict[str, tuple[int, int]], config: dict,
             candidates: dict[str, QuantScheme] | None = None, rows: bool = False, permuted: bool = False,
-            method: dict | None = None) -> list[str]:  # fmt: skip
+            method: dict | None = None, metadata_from_config: bool = True) -> list[str]:  # fmt: skip
     """What each target's exporter would refuse in the checkpoint this plan makes, from the shapes alone (no weight
     read): '--for T: MODULE why (and N more)' per refusing target. Mixed precision: any linear may get any of
-    `candidates` (row granularity: several, split by row)."""
+    `candidates` (row granularity: several, split by row). metadata_from_config: False for a .gguf source, whose
+    own metadata the GGUF export copies (its rotary parameters are then not written from config.json)."""
     out = []
+    mods = _records(plan, shapes, candidates, rows, permuted)
     for t in targets:
         if t.exporter == "llmq":
             continue
         problems = []
         if t.exporter == "gguf":
-            if why := gguf.why_not_config(config):
+            if why := gguf.why_not_config(config, metadata_from_config):
                 problems.append(f"the model: {why}")
-        mods = _records(plan, shapes, candidates, rows, permuted)
         check = gguf.block_type_of if t.exporter == "gguf" else None
         exp = None if check else exporters.EXPORTERS[t.exporter]
         for m in mods:
@@ -189,10 +190,6 @@ def _records(plan: QuantPlan, shapes: dict, candidates, rows: bool, permuted: bo
         s = cand[i % len(cand)] if cand else plan.scheme_for(name)
         out.append(ModuleRecord(name, shape, (WeightRecord(s, shape, int(bool(s.outliers)), permuted),)))
     return out
-
-
-def candidate_schemes(names, base: dict) -> dict[str, QuantScheme]:
-    return {n: scheme_from_name(n, **base) for n in names}
 
 
 def work_dir(out: Path) -> Path:
@@ -275,7 +272,3 @@ def _card(name: str, done: dict, engines) -> str:
               "(with compressed-tensors installed); llama.cpp `llama-cli -m FILE.gguf`.", ""]  # fmt: skip
     return "\n".join(lines)
 
-
-def scheme_for_targets(base: QuantScheme, picked: dict) -> QuantScheme:
-    return replace(base, bits=picked["bits"], group_size=picked["group_size"], sym=picked["sym"],
-                   format=picked["format"])  # fmt: skip

@@ -163,3 +163,18 @@ def test_for_gptq_g128_on_smollm2_is_refused_before_reading_it(tmp_path, capsys)
     # the bound leaves room for a slower machine
     assert "which does not divide in_features 576" in err and "--group-size 64" in err and secs < 8, secs
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.llmq").exists()
+
+
+def test_gguf_source_keeps_its_own_rotary_metadata():
+    """A Llama 3.1-style rope (type llama3) is not written from config.json, so `--for llama.cpp:MIX` refuses it from a
+    model dir; from a .gguf source the export copies that GGUF's metadata, so nothing is refused."""
+    from llmq import targets
+    from llmq.config import QuantPlan, QuantScheme
+
+    config = make_tiny("llama", vocab=300, **SMOL).config.to_dict()
+    config["rope_parameters"] = {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}
+    want = targets.parse("llama.cpp:Q8_0")
+    plan, shapes = QuantPlan(QuantScheme(format="q8_0")), {"model.layers.0.mlp.down_proj": (576, 1536)}
+    said = targets.why_not(want, plan, shapes, config)
+    assert len(said) == 1 and "rope type 'llama3' is not written" in said[0]
+    assert targets.why_not(want, plan, shapes, config, metadata_from_config=False) == []

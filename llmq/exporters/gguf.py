@@ -135,8 +135,7 @@ def why_not_config(config: dict, metadata_from_config: bool = True) -> str | Non
         fam = gguf_names.family_of(config.get("model_type"))
         fam.metadata(config)
         if metadata_from_config:
-            heads = config["num_attention_heads"]
-            gguf_names.rope_metadata(config, config.get("head_dim") or config["hidden_size"] // heads)
+            gguf_names.rope_metadata(config)
     except LlmqError as e:
         return str(e)
     return None
@@ -197,10 +196,9 @@ def _copy_metadata(w: gguf.GGUFWriter, path: Path, arch: str) -> None:
 def _hf_metadata(w: gguf.GGUFWriter, c: dict, src: Path, own: dict) -> None:
     """What convert_hf_to_gguf.py writes for the model's family (gguf_names.FAMILIES: the common keys, then the
     family's own, `own`) with a byte-level BPE tokenizer."""
-    heads = c["num_attention_heads"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    heads, head_dim = c["num_attention_heads"], gguf_names.head_dim(c)
     try:
-        rope = gguf_names.rope_metadata(c, head_dim)
+        rope = gguf_names.rope_metadata(c)
     except LlmqError as e:
         raise LlmqError(f"{src}: {e}") from None
     w.add_name(Path(src).name)
