@@ -17,6 +17,7 @@ from . import formats, recipes, sources, targets
 from .archs import describe, describe_lines, linear_shapes_of
 from .checkpoint import atomic_write_json
 from .config import (
+    EXPERT_POLICIES,
     GPTQ_CLIP_SEARCH,
     GPTQ_INPUTS,
     GPTQ_INPUTS_WHY,
@@ -117,7 +118,9 @@ def quantize_request(a) -> ConvertRequest:
     gptq = a.method == "gptq"
     mixed = None if a.target_bpw is None else MixedConfig(a.target_bpw, a.candidates, a.granularity)
     gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups, inputs=a.gptq_inputs,
-                      sequential=a.gptq_sequential, replay=a.gptq_replay) if gptq else None  # fmt: skip
+                      sequential=a.gptq_sequential, replay=a.gptq_replay, expert_policy=a.expert_policy,
+                      expert_min_tokens=a.expert_min_tokens,
+                      experts_per_pass=a.experts_per_pass) if gptq else None  # fmt: skip
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
                         token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
     if a.gguf_recipe is not None and (a.format not in (None, "int") or a.bits is not None or a.group_size is not None):
@@ -290,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "replay the block instead of recomputing it (default on: ~3x faster; costs calibration "
                         "tokens x (hidden + intermediate) values of memory, on the CPU with --offload-activations); "
                         "--no-gptq-replay recomputes: identical results, less memory")
+    e = q.add_argument_group("mixture of experts (GPTQ; each expert's linears on the tokens routed to it)")
+    e.add_argument("--expert-policy", choices=EXPERT_POLICIES, default="layer",
+                   help="an expert routed fewer than --expert-min-tokens calibration tokens: 'layer' takes its "
+                        "Hessian from every token of the layer, 'rtn' rounds it to nearest; 'all' gives every expert "
+                        "every token's Hessian (llm-compressor's moe_calibrate_all_experts). Default layer: "
+                        "benchmarks/results/moe.md")  # fmt: skip
+    e.add_argument("--expert-min-tokens", type=int, default=None, metavar="N",
+                   help="fewer routed tokens than this gets --expert-policy (default: the expert's input width, "
+                        "below which its Hessian is rank deficient)")  # fmt: skip
+    e.add_argument("--experts-per-pass", type=int, default=0, metavar="N",
+                   help="experts whose Hessians are held at once (default: as many as 8 GiB of fp32 Hessians hold; "
+                        "docs/SCALE.md); does not change the result, so an interrupted run may resume with "
+                        "another")  # fmt: skip
     m = q.add_argument_group("mixed precision")
     m.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                    help="choose a scheme per linear by measured sensitivity so that the average bits per weight "

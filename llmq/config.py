@@ -142,6 +142,9 @@ GPTQ_INPUTS_WHY = ("the lowest perplexity over int2/int3/int4-g128 and NF4-g64 o
                    "benchmarks/results/gptq_recipe.md")
 
 
+EXPERT_POLICIES = ("layer", "rtn", "all")
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     """GPTQ (Frantar et al. 2022) options.
@@ -164,6 +167,11 @@ class GPTQConfig:
     sequential:    with inputs="quantized", quantize a layer's linears group by group (q/k/v, o, gate/up, down),
                    each from the inputs the already-quantized groups produce ("true sequential"); False takes
                    every H of the layer from one pass of the unquantized layer, as the original GPTQ code does.
+    expert_policy: mixture of experts (pipeline/experts.py): an expert routed fewer than `expert_min_tokens` tokens
+                   gets its H from every token of the layer ("layer"), or is rounded to nearest ("rtn"); "all" gives
+                   every expert the H of every token (llm-compressor's moe_calibrate_all_experts).
+    expert_min_tokens: None: the expert's input width (below it its H is rank deficient).
+    experts_per_pass: experts whose Hessians are alive at once; 0: as many as 8 GiB of fp32 Hessians hold.
     """
 
     damp: float = 0.01
@@ -174,12 +182,20 @@ class GPTQConfig:
     inputs: str = "quantized"
     sequential: bool = True
     replay: bool = True
+    expert_policy: str = "layer"
+    expert_min_tokens: int | None = None
+    experts_per_pass: int = 0
 
     def __post_init__(self) -> None:
         _check(0.0 < self.damp <= 1.0, f"damp={self.damp} must be in (0, 1]; 0.01 is the paper's value")
         _check(self.block_size >= 1, f"block_size={self.block_size} must be >= 1")
         _check(self.max_damp_tries >= 0, f"max_damp_tries={self.max_damp_tries} must be >= 0")
         _check(self.inputs in GPTQ_INPUTS, f"inputs={self.inputs!r} is not known; use one of {', '.join(GPTQ_INPUTS)}")
+        _check(self.expert_policy in EXPERT_POLICIES, f"expert_policy={self.expert_policy!r} is not known; use one of "
+               f"{', '.join(EXPERT_POLICIES)}")  # fmt: skip
+        _check(self.expert_min_tokens is None or self.expert_min_tokens >= 0,
+               f"expert_min_tokens={self.expert_min_tokens} must be >= 0")  # fmt: skip
+        _check(self.experts_per_pass >= 0, f"experts_per_pass={self.experts_per_pass} must be >= 1 (0: automatic)")
 
 
 @dataclass(frozen=True)

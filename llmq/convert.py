@@ -23,9 +23,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import codec, recipes, sources, timing
+from . import codec, moe, recipes, sources, timing
 from . import mixed as mixed_precision
-from .archs import arch_for, decoder_layers, describe, describe_lines
+from .archs import arch_for, decoder_layers, describe, describe_lines, routers_of
 from .calibration import calibration_windows, check_enough_text
 from .checkpoint import DEFAULT_MAX_SHARD, CheckpointWriter, atomic_write_json, atomic_write_text
 from .config import CalibConfig, GPTQConfig, MixedConfig, QuantPlan, QuantScheme
@@ -130,9 +130,10 @@ class ConvertRequest:
 
 
 def _gptq_args(cfg: GPTQConfig | None) -> dict | None:
-    """GPTQ options that change the output: `replay` does not (it trades memory for time), so a conversion that ran
-    out of memory resumes with --no-gptq-replay."""
-    return None if cfg is None else {k: v for k, v in dataclasses.asdict(cfg).items() if k != "replay"}
+    """GPTQ options that change the output: `replay` and `experts_per_pass` do not (they trade memory for time), so a
+    conversion that ran out of memory resumes with --no-gptq-replay or fewer --experts-per-pass."""
+    return None if cfg is None else {k: v for k, v in dataclasses.asdict(cfg).items()
+                                     if k not in ("replay", "experts_per_pass")}  # fmt: skip
 
 
 def convert(req: ConvertRequest, on_layer_done: Callable[[int], None] | None = None) -> dict:
@@ -228,7 +229,7 @@ def _convert(req: ConvertRequest, src: sources.Source, on_layer_done, parsing: c
                   **({"mixed": mixed_precision.summary(alloc)} if alloc else {}),
                   **({"gguf_recipe": req.gguf_recipe} if req.gguf_recipe else {}),
                   **({"rotation": rotation.record() | {"untied_head": lazy.head_from_embedding}} if rotation else {})}  # fmt: skip
-        not_converted = [n for n in codec.linear_names(lazy.model) if n not in modules]
+        not_converted = [n for n in codec.linear_names(lazy.model) if n not in modules] + routers_of(lazy.model, spec)
         record = CheckpointRecord.build(plan, modules, not_converted, method)
         cfg = record.model_config(lazy.model.config.to_dict(), req.dtype)
         writer.flush()
@@ -266,7 +267,7 @@ def shaped_plan(req: ConvertRequest, plan: QuantPlan, config, shapes: dict[str, 
         gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
         tensors = recipes.gguf_tensors(config.model_type, shapes, n_layers)
         plan = recipes.recipe_plan(req.gguf_recipe, tensors, n_layers, gqa, calibrated=req.calib is not None,
-                                   clip_search=req.scheme.clip_search)  # fmt: skip
+                                   clip_search=req.scheme.clip_search, n_expert=moe.expert_count(config))  # fmt: skip
     return recipes.resolve_shapes(plan, shapes)[0]
 
 

@@ -9,6 +9,7 @@ absent from it is refused with the reason (REFUSED), or with the list of what is
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,6 +86,30 @@ def _smollm3(c: dict) -> dict:
     return {}
 
 
+def _experts(c: dict, norm: bool) -> dict:
+    """A mixture of experts' counts; `norm`: whether llama.cpp's graph for the architecture renormalises the top-k
+    routing weights (qwen3moe and llama: yes; olmoe: no), which must be what the model does."""
+    n = c.get("num_local_experts") or c.get("num_experts")
+    if c.get("norm_topk_prob", norm) != norm:
+        raise LlmqError(f"norm_topk_prob = {c.get('norm_topk_prob')}: llama.cpp's graph for this architecture "
+                        f"{'renormalises' if norm else 'does not renormalise'} the top-k routing weights")  # fmt: skip
+    return {"add_expert_count": int(n), "add_expert_used_count": int(c["num_experts_per_tok"])}
+
+
+def _mixtral(c: dict) -> dict:
+    return _experts(c, True) | _sliding(c)
+
+
+def _qwen3_moe(c: dict) -> dict:
+    if c.get("mlp_only_layers"):
+        raise LlmqError("mlp_only_layers (dense layers among the MoE ones) are not written by this exporter")
+    return _experts(c, True) | {"add_expert_feed_forward_length": int(c["moe_intermediate_size"])}
+
+
+def _olmoe(c: dict) -> dict:
+    return _experts(c, False)
+
+
 @dataclass(frozen=True)
 class Family:
     arch: str  # llama.cpp's architecture (gguf.MODEL_ARCH, lower case)
@@ -100,6 +125,10 @@ FAMILIES = {
     "gemma3_text": Family("gemma3", norm_shift=1.0, metadata=_gemma3),
     "granite": Family("granite", permute=True, metadata=_granite),
     "smollm3": Family("smollm3", permute=True, metadata=_smollm3),
+    # mixtures of experts: the experts' linears stacked into ffn_{gate,up,down}_exps [E, rows, cols], the router as
+    # ffn_gate_inp in F32 (gguf_name, exporters/gguf.py)
+    "mixtral": Family("llama", permute=True, metadata=_mixtral), "qwen3_moe": Family("qwen3moe", metadata=_qwen3_moe),
+    "olmoe": Family("olmoe", metadata=_olmoe),
 }  # fmt: skip
 REFUSED = {
     "deepseek_v3": "llama.cpp stores MLA's kv_b_proj split into attn_k_b (transposed) and attn_v_b: a transposed "
@@ -107,6 +136,7 @@ REFUSED = {
     "glm4": "llama.cpp's glm4 reads partial interleaved rotary sections this exporter does not write yet",
     "gpt2": "the GGUF export writes rotary-attention decoders; GPT-2's Conv1D layers are not converted",
     "opt": "llama.cpp has no OPT architecture",
+    "gpt_oss": "llama.cpp's gpt-oss reads its experts as MXFP4 with attention sinks, which this exporter does not write",
 }  # fmt: skip
 
 
@@ -158,11 +188,25 @@ def name_map(model_type: str | None, n_layers: int) -> gguf.TensorNameMap:
 
 
 def gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str:
-    """'model.layers.0.self_attn.q_proj.weight' -> 'blk.0.attn_q.weight'."""
-    g = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    """'model.layers.0.self_attn.q_proj.weight' -> 'blk.0.attn_q.weight'; an expert's linear
+    'model.layers.0.mlp.experts.5.up_proj.weight' -> the stacked 'blk.0.ffn_up_exps.weight' it is one slice of."""
+    g = names.get_name(stacked(hf_name), try_suffixes=(".weight", ".bias"))
     if g is None:
         raise LlmqError(f"{hf_name}: llama.cpp has no tensor of this name (gguf-py's tensor map)")
     return g
+
+
+def stacked(hf_name: str) -> str:
+    """An expert's tensor name without its expert index (llama.cpp stores the experts of a layer as one tensor)."""
+    return _EXPERT.sub(r"\1.\3", hf_name)
+
+
+def expert_index(hf_name: str) -> int | None:
+    m = _EXPERT.search(hf_name)
+    return int(m[2]) if m else None
+
+
+_EXPERT = re.compile(r"(\.experts)\.(\d+)\.((?:gate|up|down)_proj)")
 
 
 def rotary_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -29,14 +29,14 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import codec, formats, nn, verify
+from . import codec, formats, moe, nn, verify
 from .algorithms.rtn import rtn
-from .archs import arch_for, weight_of
+from .archs import arch_for, linear_shapes_of, weight_of
 from .checkpoint import SHARD_METADATA, CheckpointReader, tensor_headers
 from .config import QuantPlan, QuantScheme
 from .dtypes import DTYPES
 from .errors import LlmqError
-from .pipeline import check_finite, linear_shapes
+from .pipeline import check_finite
 from .recipes import resolve_shapes
 from .record import (HEADER_KEYS, INTERRUPTED_MESSAGE, QUANT_METHOD, CheckpointRecord, ModuleRecord, WeightRecord,
                      describes_checkpoint, is_placeholder)
@@ -129,6 +129,7 @@ class LlmqHfQuantizer(HfQuantizer):
         self.modules: dict[str, ModuleRecord] = {}
         self.verify_values, self.shards = False, None  # a pre-quantized checkpoint's reader, once opened
         self.errors: list[LlmqError] = []  # found while quantizing on the fly
+        self.experts: dict[str, tuple[int, int]] = {}  # expert linears quantized on the fly once loaded
         qc = quantization_config
         if self.pre_quantized and not qc.pre:
             raise LlmqError("this checkpoint's quantization_config is not a complete llmq config; re-save it with llmq")
@@ -160,6 +161,8 @@ class LlmqHfQuantizer(HfQuantizer):
     # ---- both ---------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         spec = arch_for(model.config)
+        if self.pre_quantized:  # a mixture of experts' experts as linears (moe.py), each a QuantLinear to load into
+            moe.unfuse(model)
         self.transposed = spec.transposed
         rec = self.quantization_config.record
         if self.pre_quantized:
@@ -169,9 +172,12 @@ class LlmqHfQuantizer(HfQuantizer):
                     "^" + rec.sentinel.replace(".", r"\.") + "$"}  # fmt: skip
         else:
             skip = set(self.quantization_config.modules_to_not_convert or [])
-            shapes = {n: s for n, s in linear_shapes(model).items() if n not in skip}
+            shapes = {n: s for n, s in linear_shapes_of(model.config, spec)[0].items() if n not in skip}
             self.plan = resolve_shapes(self.plan, shapes)[0]  # llama.cpp's fallback where a block format does not fit
-            self.modules = {n: self._on_the_fly_record(n, s) for n, s in shapes.items()}
+            # experts load fused (in whatever layout the checkpoint has them); they are split into linears and
+            # quantized once loaded (_quantize_experts)
+            self.experts = {n: s for n, s in shapes.items() if _expert(spec, n)}
+            self.modules = {n: self._on_the_fly_record(n, s) for n, s in shapes.items() if n not in self.experts}
         for name, mrec in self.modules.items():
             old = _module(model, name)
             shape = tuple(weight_of(old, spec).shape)  # [out, in]
@@ -224,12 +230,30 @@ class LlmqHfQuantizer(HfQuantizer):
             except verify.DamagedValue as e:
                 raise self._located(e) from None
             mod.prepare(name)
+        if self.experts:
+            self._quantize_experts(model)
         if self.pre_quantized and self.verify_values:
             self._check_full_precision(model)
         if not self.pre_quantized:
             self.quantization_config.record = self._record(model)
             self.quantization_config.pre = True
         return model
+
+    def _quantize_experts(self, model) -> None:
+        """On the fly, after loading: the fused experts become linears (moe.py), each RTN-quantized into a QuantLinear
+        (one expert's fp weights at a time beside the packed ones)."""
+        moe.unfuse(model)
+        for name in self.experts:
+            old = model.get_submodule(name)
+            check_finite(old.weight, name)
+            qw = rtn(old.weight.detach().to(torch.float32), self.plan.scheme_for(name))
+            q = nn.QuantLinear(qw, old.bias.detach() if old.bias is not None else None, self.quantization_config.backend)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q.to(old.weight.device))
+            del old
+            q.prepare(name)
+            self.modules[name] = ModuleRecord.of(name, qw)
+        self.experts = {}
 
     def _located(self, e: "verify.DamagedValue") -> LlmqError:
         shard = self.shards.weight_map.get(e.tensor)
@@ -255,6 +279,13 @@ class LlmqHfQuantizer(HfQuantizer):
         if rec is not None and rec.sentinel:
             state[rec.sentinel] = torch.zeros(0, dtype=torch.uint8)
         return state, dict(SHARD_METADATA)
+
+
+def _expert(spec, name: str) -> bool:
+    """A linear inside one of a layer's expert sets (name: model.layers.N.rel)."""
+    rest = name.removeprefix(spec.layers + ".")
+    i, _, rel = rest.partition(".")
+    return i.isdigit() and spec.at(int(i)).expert(rel) is not None
 
 
 def _module(model, name: str) -> torch.nn.Module:

@@ -24,6 +24,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM
 
+from . import moe
 from .archs import ArchSpec, decoder_layers
 from .checkpoint import read_index
 from .errors import LlmqError
@@ -50,19 +51,22 @@ class LazyModel:
         if not self.streamed:
             log.info("%s: not a safetensors checkpoint, loading it whole (no layer streaming)", src)
             self.model, _ = load_model(src, dtype)
+            moe.unfuse(self.model)
             if rotation is not None:  # resident: rotated once, whole
                 rotation.whole(self.model)
             return
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
+        moe.unfuse(self.model)  # experts as linears; read from per-expert or fused tensors (_where)
         self._prefix = self._key_prefix()
+        self._check_experts()
         layer_prefix = spec.layers + "."
         # embeddings, final norm, head: not held while layers are processed (only calibration needs the
         # embeddings, and the output needs them all at the end): see load_rest / release_rest
         self.rest = [k for k in self.model.state_dict() if not k.startswith(layer_prefix)]
         tied = getattr(config, "tie_word_embeddings", False)
-        missing = [k for k in self.rest if self._file_key(k) not in self.weight_map
+        missing = [k for k in self.rest if self._where(k)[0] is None
                    and not (tied and k.endswith("lm_head.weight"))]  # fmt: skip
         if missing:
             raise LlmqError(f"{self.dir}: tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
@@ -88,6 +92,48 @@ class LazyModel:
 
     def _file_key(self, name: str) -> str:
         return name.removeprefix(self._prefix) if self._prefix else name
+
+    def _where(self, name: str) -> tuple[str | None, tuple | None]:
+        """(checkpoint key, None) of a model tensor, or (key of the fused 3-D tensor, (experts module, expert, what))
+        for an expert's tensor stored fused; (None, None) when the checkpoint lacks it."""
+        key = self._file_key(name)
+        if key in self.weight_map:
+            return key, None
+        mt = self.model.config.model_type
+        x = moe.EXPERT_RE.match(name.rpartition(".")[0])
+        if x is None:
+            r = moe.renamed(mt, key)
+            return (r, None) if r in self.weight_map else (None, None)
+        what = name.rpartition(".")[2]
+        for k in moe.disk_keys(mt, self._file_key(x["set"]), int(x["e"]), x["proj"], what):
+            if k in self.weight_map:
+                return k, None
+        fused = moe.fused_key(self._file_key(x["set"]), x["proj"], what)
+        if fused in self.weight_map:
+            return fused, (self.model.get_submodule(x["set"]), int(x["e"]), f"{x['proj']}.{what}")
+        return None, None
+
+    def _check_experts(self) -> None:
+        """Before any work: every expert's tensors are in the checkpoint, and it holds no more experts than the config
+        says (a checkpoint of another model, or a config edited by hand)."""
+        for path in moe.expert_sets(self.model):
+            experts = self.model.get_submodule(path)
+            missing = [f"{path}.{n}" for n, _ in experts.named_parameters() if self._where(f"{path}.{n}")[0] is None]
+            if missing:
+                raise LlmqError(f"{self.dir}: the checkpoint lacks expert tensor(s) of {path} ({len(missing)}, e.g. "
+                                f"{', '.join(missing[:3])}; looked for them as "
+                                f"{', '.join(moe.disk_keys(self.model.config.model_type, path, 0, 'gate_proj'))} "
+                                "and fused); the download is incomplete or the config is not this checkpoint's")  # fmt: skip
+            e = experts.num_experts
+            extra = moe.disk_keys(self.model.config.model_type, self._file_key(path), e, "gate_proj")
+            if any(k in self.weight_map for k in extra):
+                on_disk = e
+                while any(k in self.weight_map for k in moe.disk_keys(self.model.config.model_type,
+                                                                      self._file_key(path), on_disk, "gate_proj")):
+                    on_disk += 1
+                raise LlmqError(f"{self.dir}: {path} holds {on_disk} experts in the checkpoint but the config says {e} "
+                                "(num_experts / num_local_experts / n_routed_experts): the config is not this "
+                                "checkpoint's")  # fmt: skip
 
     def load_rest(self, dtype: torch.dtype | None = None, head: bool = True) -> None:
         """Load the tensors outside the decoder layers (embeddings, norm, head), in `dtype` (default: the
@@ -118,19 +164,27 @@ class LazyModel:
             trim_heap()
 
     def _load(self, names: list[str], required: bool = True, dtype: torch.dtype | None = None) -> None:
-        by_shard: dict[str, list[str]] = {}
+        by_shard: dict[str, list[tuple[str, str, tuple | None]]] = {}
         for n in names:
-            shard = self.weight_map.get(self._file_key(n))
-            if shard is None:
+            key, part = self._where(n)
+            if key is None:
                 if required:
                     raise LlmqError(f"{self.dir}: tensor {n!r} is missing from the checkpoint")
                 continue
-            by_shard.setdefault(shard, []).append(n)
+            by_shard.setdefault(self.weight_map[key], []).append((n, key, part))
         for shard, ns in by_shard.items():
             try:
                 with safe_open(self.dir / shard, "pt") as f:
-                    for n in ns:
-                        t = f.get_tensor(self._file_key(n))
+                    for n, key, part in ns:
+                        if part is None:
+                            t = f.get_tensor(key)
+                        else:  # one expert's slice of a fused tensor (gpt-oss), de-interleaved by the module
+                            experts, e, what = part
+                            one = f.get_slice(key)[e : e + 1]
+                            fused = {"gate_up": one} if what.startswith(("gate", "up")) else {"down": one}
+                            if what.endswith("bias"):
+                                fused = {f"{k}_bias": v for k, v in fused.items()}
+                            t = experts.split(0, **fused)[what].contiguous()
                         dt = dtype or self.dtype
                         set_module_tensor_to_device(self.model, n, "cpu", value=t.to(dt) if t.is_floating_point() else t,
                                                     dtype=dt if t.is_floating_point() else None)  # fmt: skip

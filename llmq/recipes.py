@@ -40,11 +40,17 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def mix_type(mix: str, t: Tensor, n_layers: int, n_gqa: int = 1, calibrated: bool = False) -> str:
+def mix_type(mix: str, t: Tensor, n_layers: int, n_gqa: int = 1, calibrated: bool = False, n_expert: int = 0) -> str:
     """The block type llama.cpp's mix `mix` gives tensor `t` (before the shape fallback). `calibrated`: the conversion
-    has calibration data, like llama-quantize with an importance matrix (it changes Q4_0/Q5_0's early ffn_down)."""
+    has calibration data, like llama-quantize with an importance matrix (it changes Q4_0/Q5_0's early ffn_down).
+    `n_expert`: a mixture of experts' expert count (llama-quantize gives 8-expert models 8-bit attn_k / attn_v and
+    5-bit attn_output; the experts' ffn_*_exps follow the ffn_* rules)."""
     base = check_mix(mix)
-    cat, i, n = t.category, t.layer, n_layers
+    cat, i, n = t.category.removesuffix("_exps"), t.layer, n_layers
+    if n_expert == 8 and cat in ("attn_v", "attn_k"):
+        return "q8_0"
+    if n_expert == 8 and cat == "attn_output" and mix in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"):
+        return "q5_k"
     if cat == "attn_v":
         rules = {"Q2_K": "q4_k" if n_gqa >= 4 else "q3_k", "Q3_K_M": "q5_k" if i < 2 else "q4_k", "Q3_K_L": "q5_k",
                  "Q4_K_M": "q6_k" if _more_bits(i, n) else base, "Q5_K_M": "q6_k" if _more_bits(i, n) else base,
@@ -100,7 +106,17 @@ def fitted(scheme: QuantScheme, in_features: int, name: str = "") -> QuantScheme
 
 def resolve_shapes(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> tuple[QuantPlan, dict[str, str]]:
     """Give every linear whose rows a block format cannot hold llama.cpp's fallback type (logged). Returns the plan
-    and {linear: 'q4_k -> q5_0'} for those."""
+    and {linear: 'q4_k -> q5_0'} for those. A plan naming a module that is not one of `shapes` is refused (a typo,
+    or a module llmq keeps in full precision: a mixture of experts' router)."""
+    unknown = [n for n in (*plan.overrides, *plan.row_splits) if n not in shapes]
+    if unknown:
+        n = unknown[0]
+        router = n.rpartition(".")[2] in ("gate", "router", "shared_expert_gate") and not n.endswith("_proj")
+        why = ("it is a mixture of experts' router, which llmq keeps in full precision (vLLM and llama.cpp read routers "
+               "unquantized; a quantized router changes which experts run)") if router else \
+            f"it is not one of the model's {len(shapes)} quantizable linears (e.g. {next(iter(shapes), '-')})"
+        raise LlmqError(f"the plan names {n!r}" + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else "")
+                        + f": {why}")  # fmt: skip
     overrides, changed = dict(plan.overrides), {}
     for name, (_, cols) in shapes.items():
         s = plan.scheme_for(name)
@@ -115,12 +131,12 @@ def resolve_shapes(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> tuple
 
 
 def recipe_plan(mix: str, tensors: dict[str, Tensor], n_layers: int, n_gqa: int, calibrated: bool,
-                clip_search: bool) -> QuantPlan:  # fmt: skip
+                clip_search: bool, n_expert: int = 0) -> QuantPlan:  # fmt: skip
     """The QuantPlan of llama.cpp's mix `mix` for linears `tensors` (name -> Tensor), before the shape fallback."""
     base = QuantScheme(format=check_mix(mix), clip_search=clip_search)
     overrides = {}
     for name, t in tensors.items():
-        f = mix_type(mix, t, n_layers, n_gqa, calibrated)
+        f = mix_type(mix, t, n_layers, n_gqa, calibrated, n_expert)
         if f != base.format:
             overrides[name] = QuantScheme(format=f, clip_search=clip_search)
     return QuantPlan(base, overrides)
@@ -131,7 +147,7 @@ def gguf_tensors(model_type: str, shapes: dict[str, tuple[int, int]], n_layers: 
     names = gguf_names.name_map(model_type, n_layers)
     out = {}
     for n, (_, cols) in shapes.items():
-        g = names.get_name(n)
+        g = names.get_name(gguf_names.stacked(n))  # an expert's linear: the stacked tensor it is one slice of
         if g is None or not g.startswith("blk."):
             raise LlmqError(f"{n}: no llama.cpp tensor of this name in gguf-py's map for {model_type}")
         _, layer, cat = g.split(".", 2)

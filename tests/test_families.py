@@ -71,8 +71,9 @@ def test_nothing_discoverable_is_refused_with_what_was_found():
     assert "no causal LM" in refusal({}, "distilbert")
     vlm = refusal({}, "gemma3")
     assert "vision-language model" in vlm and "text_config" in vlm and "vision_tower" in vlm
-    moe = refusal(TINY["llama"] | {"num_local_experts": 4, "num_experts_per_tok": 2}, "mixtral")
-    assert "mixture of experts" in moe and "mlp.experts" in moe
+    moe = refusal(TINY["llama"] | {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128,
+                                   "head_dim": 16}, "llama4_text")  # fmt: skip
+    assert "Llama4TextExperts" in moe and "layout" in moe
     assert time.perf_counter() - t0 < 20
 
 
@@ -97,17 +98,17 @@ def test_family_gptq_beats_rtn_on_every_linear_and_loads_as_fake_quantized(arch,
     model = make_tiny(arch)
     scheme = QuantScheme(bits=3, group_size=32)
     calib = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(0))
-    seen, real = {}, pipeline.gptq
+    seen, real = {}, pipeline.solve.gptq
 
     def spy(W, H, s, cfg, name):
         seen[name] = (W.detach().clone(), H.detach().clone())
         return real(W, H, s, cfg, name)
 
-    pipeline.gptq = spy
+    pipeline.solve.gptq = spy
     try:
         qw = llmq.quantize(model, scheme, calib, method="gptq", gptq=GPTQConfig())
     finally:
-        pipeline.gptq = real
+        pipeline.solve.gptq = real
     assert set(seen) == set(qw) and len(qw) == 2 * len(arch_for(model.config).linears)
     for name, (W, H) in seen.items():
         assert err(qw[name].dequantize(), W, H) < err(rtn(W, scheme).dequantize(), W, H), name

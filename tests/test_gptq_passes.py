@@ -42,13 +42,13 @@ def run_layer0(arch: str, cfg: GPTQConfig, spec=None):
     inps = [x.clone() for x in acts.inps]
     layer = decoder_layers(model, spec)[0]
     got = {}
-    real = pipeline.gptq
+    real = pipeline.solve.gptq
 
     def spy(W, H, scheme, c, name):
         got[name.split(".0.", 1)[1]] = H.double().clone()
         return real(W, H, scheme, c, name)
 
-    pipeline.gptq = spy
+    pipeline.solve.gptq = spy
     ran = {r: 0 for r in spec.linears}  # forward calls of each linear
     counters = [layer.get_submodule(r).register_forward_hook(lambda m, i, o, r=r: ran.__setitem__(r, ran[r] + 1))
                 for r in spec.linears]  # fmt: skip
@@ -56,7 +56,7 @@ def run_layer0(arch: str, cfg: GPTQConfig, spec=None):
         with timing.Phases() as ph:
             pipeline.gptq_layer(layer, 0, spec, QuantPlan(QuantScheme(bits=3, group_size=16)), cfg, acts)
     finally:
-        pipeline.gptq = real
+        pipeline.solve.gptq = real
         for h in counters:
             h.remove()
     ph.ran = ran

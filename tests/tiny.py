@@ -67,3 +67,29 @@ def make_tokenizer(vocab: int = 256):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     tok.train_from_iterator([SAMPLE_TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+# mixtures of experts (llmq/moe.py): 4 experts, top 2; DeepSeek-V3 with one dense layer first and a shared expert;
+# gpt-oss with interleaved gate/up, biases and sliding windows
+_MOE = {**_BASE, "num_hidden_layers": 2}
+MOE = {
+    "mixtral": {**_MOE, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96},
+    "qwen3_moe": {**_MOE, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96,
+                  "norm_topk_prob": True,
+                  "intermediate_size": 160},
+    "olmoe": {**_MOE, "num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96, "pad_token_id": 0},
+    "deepseek_v3": {**_MOE, "num_hidden_layers": 3, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8, "first_k_dense_replace": 1,
+                    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96, "n_group": 1,
+                    "topk_group": 1, "n_shared_experts": 1},
+    "gpt_oss": {**_MOE, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96,
+                "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+}  # fmt: skip
+
+
+def make_tiny_moe(model_type: str, vocab: int = 256, seed: int = 0, **over):
+    """A tiny random-init MoE model (fused experts, as transformers builds it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, **(MOE[model_type] | over))
+    return AutoModelForCausalLM.from_config(cfg).eval()

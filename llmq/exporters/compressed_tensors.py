@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import moe
 from ..formats.grouping import PER_CHANNEL
 from ..qtensor import QuantizedWeight
 from ..record import CheckpointRecord, ModuleRecord
@@ -78,13 +79,18 @@ def config(record: CheckpointRecord, opts: dict) -> dict:
         groups.setdefault(key, []).append(name)
         args[key] = a
     whole = len(groups) == 1
+    mt = opts.get("model_type")
+
+    def name(n: str) -> str:  # the family's released checkpoint names (moe.checkpoint_name: Mixtral's experts)
+        return moe.checkpoint_name(mt, n + ".weight").removesuffix(".weight") if mt else n
+
     config_groups = {
-        f"group_{i}": {"targets": ["Linear"] if whole else [f"re:^{n.replace('.', '[.]')}$" for n in names],
+        f"group_{i}": {"targets": ["Linear"] if whole else [f"re:^{name(n).replace('.', '[.]')}$" for n in names],
                        "weights": args[key], "input_activations": None, "output_activations": None, "format": None}
         for i, (key, names) in enumerate(groups.items())
     }  # fmt: skip
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": config_groups, "ignore": sorted(record.not_converted), "kv_cache_scheme": None,
+            "config_groups": config_groups, "ignore": sorted(name(n) for n in record.not_converted), "kv_cache_scheme": None,
             "global_compression_ratio": None}  # fmt: skip
 
 

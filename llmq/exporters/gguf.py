@@ -148,6 +148,13 @@ def _check_modules(rec: record.CheckpointRecord, src: Path) -> dict[str, str]:
         if why:
             problems.append(f"{n} {why}")
         types[n] = t
+    stacks: dict[str, set] = {}  # a layer's experts share one GGUF tensor per projection: one type for all of them
+    for n, t in types.items():
+        if gguf_names.expert_index(n) is not None and t is not None:
+            stacks.setdefault(gguf_names.stacked(n), set()).add(t)
+    problems += [f"{n}: its experts are stored as {', '.join(sorted(ts))}; llama.cpp stacks a layer's experts into one "
+                 "tensor of one type: quantize every expert with one scheme (no mixed precision across experts)"
+                 for n, ts in stacks.items() if len(ts) > 1]  # fmt: skip
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise LlmqError(f"{src} cannot be exported --to gguf: {problems[0]}{more}; nothing was written. {FOR_HINT}")
@@ -289,18 +296,38 @@ def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: d
             return gguf_names.rotary_permute(t, kv_heads)
         return t
 
+    experts: dict[str, dict[int, tuple]] = {}  # stacked GGUF name -> expert -> (blocks, llmq's dequantization)
+    n_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+
+    def add(gname: str, raw: torch.Tensor, want: torch.Tensor, btype: str, weights: int, hf: str) -> None:
+        bt = ggml.TYPES[btype]
+        w.add_tensor(gname, raw.numpy(), raw_shape=raw.shape, raw_dtype=bt.qtype)
+        got = gguf.quants.dequantize(raw.numpy(), bt.qtype)
+        diffs[gname] = float(np.abs(got - want.numpy()).max())
+        digests[gname] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+        table[hf] = (gname, bt.qtype.name, weights, raw.numel())
+
     for name, m in tqdm(rec.modules.items(), desc="export (gguf)", unit="linear", disable=quiet):
         keys = codec.module_keys(m, reader.keys())
         qw = codec.decode(m, reader.load(keys))
         gname = gguf_names.gguf_name(names, f"{name}.weight")
-        raw = rows(name + ".", blocks_of(qw, types[name]))
-        bt = ggml.TYPES[types[name]]
-        w.add_tensor(gname, raw.numpy(), raw_shape=raw.shape, raw_dtype=bt.qtype)
-        got = gguf.quants.dequantize(raw.numpy(), bt.qtype)
-        diffs[gname] = float(np.abs(got - rows(name + ".", qw.dequantize(torch.float32)).numpy()).max())
-        digests[gname] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
-        table[f"{name}.weight"] = (gname, bt.qtype.name, qw.shape[0] * qw.shape[1], raw.numel())
         done |= set(keys) | {f"{name}.weight"}
+        e = gguf_names.expert_index(name)
+        if e is None:
+            raw = rows(name + ".", blocks_of(qw, types[name]))
+            add(gname, raw, rows(name + ".", qw.dequantize(torch.float32)), types[name], qw.shape[0] * qw.shape[1],
+                f"{name}.weight")  # fmt: skip
+            continue
+        stack = experts.setdefault(gname, {})
+        stack[e] = (blocks_of(qw, types[name]), qw.dequantize(torch.float32))
+        if len(stack) == n_experts:  # the layer's experts of this projection: one [E, rows, row bytes] tensor
+            raw = torch.stack([stack[k][0] for k in range(n_experts)])
+            want = torch.stack([stack[k][1] for k in range(n_experts)])
+            add(gname, raw, want, types[name], want.numel(), gguf_names.stacked(f"{name}.weight"))
+            del experts[gname]
+    if experts:
+        g, stack = next(iter(experts.items()))
+        raise LlmqError(f"{g}: the checkpoint holds {len(stack)} of the config's {n_experts} experts; re-quantize")
     tied = bool(config.get("tie_word_embeddings"))
     for k in reader.keys():
         if k in done:
@@ -312,7 +339,7 @@ def _add_tensors(w, rec, reader: CheckpointReader, config: dict, names, types: d
         t = rows(k, t.float())
         if fam.norm_shift and k.endswith("norm.weight"):
             t = t + fam.norm_shift  # convert_hf_to_gguf.py's Gemma norms: llama.cpp computes x * w
-        if t.dim() == 1:
+        if t.dim() == 1 or ".ffn_gate_inp" in gname:  # norms, biases, a mixture of experts' router (as the converter)
             arr, qtype = t.numpy(), gguf.GGMLQuantizationType.F32
             w.add_tensor(gname, arr)
         else:
