@@ -1,6 +1,7 @@
 """Peak memory of a streamed GPTQ conversion of a checkpoint far larger than one layer.
 
     python benchmarks/memory.py [--dir /tmp/llmq-mem] [--layers 56] [--method gptq|rtn] [--nsamples 8] [--seqlen 256]
+    python benchmarks/memory.py --moe --layers 1 [--experts-per-pass 0 16]   # results/memory-moe.{json,md}
 
 Generates (once; not committed) a random-init Llama-architecture checkpoint in fp16 safetensors shards:
 hidden 2048, intermediate 5632, 16 heads, untied 49,152-token embedding and head (SmolLM2's tokenizer is
@@ -73,6 +74,109 @@ def generate(d: Path, layers: int) -> int:
     return total
 
 
+# one layer of Qwen3-30B-A3B's shape (issue 35): 128 experts of 2048 x 768, top 8; attention 32 x 128 heads, 4 kv
+MOE = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32,
+           num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)  # fmt: skip
+
+
+def generate_moe(d: Path, layers: int) -> int:
+    """A random-init Qwen3-MoE checkpoint of MOE's shape, bf16, per-expert tensors as the released checkpoints store
+    them (transformers' save_pretrained), SmolLM2's tokenizer (so the vocabulary is 49,152, not Qwen3's 151,936)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
+
+    if (d / "config.json").is_file():
+        return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=4096,
+                         tie_word_embeddings=False, **MOE)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)  # ~1.2 GB per layer in bf16
+    model.save_pretrained(d, max_shard_size="2GB")
+    p = Path(default_model())
+    AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name).save_pretrained(d)
+    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+
+def moe_model(shape: dict, tokens: int, chunk: int, baseline_mb: float, vocab: int = VOCAB,
+              bits: float = 4.25) -> dict:  # fmt: skip
+    """The documented memory of one MoE layer's GPTQ conversion (docs/SCALE.md), MB: what the process holds at the
+    experts' solve. `chunk`: experts whose Hessians are alive at once (--experts-per-pass)."""
+    f32, MB = 4, 2**20
+    h, i, e, k = shape["hidden_size"], shape["moe_intermediate_size"], shape["num_experts"], shape["num_experts_per_tok"]
+    q = shape["num_attention_heads"] * shape["head_dim"]
+    kv = shape["num_key_value_heads"] * shape["head_dim"]
+    attn = h * q + 2 * h * kv + q * h
+    experts = 3 * e * h * i
+    out = {"baseline": baseline_mb,
+           "layer_fp32": (attn + experts + e * h) * f32 / MB,
+           "expert_hessians": chunk * max(h, i) ** 2 * f32 / MB,
+           # layer inputs, the error reference (<= 2048 tokens), the attention's replayed o_proj input, the experts'
+           # recorded calls (hidden states, top-k index int64 and weights)
+           "activations": (tokens * h + min(tokens, 2048) * h + tokens * q + tokens * h) * f32 / MB
+           + tokens * k * (8 + f32) / MB,
+           "packed_layer": (attn + experts) * bits / 8 / MB,
+           "embeddings_head_fp32": 2 * vocab * h * f32 / MB}  # fmt: skip
+    out["total"] = sum(out.values())
+    return {k: round(v) for k, v in out.items()}
+
+
+def moe_main(a) -> int:
+    m = machine()
+    d = Path(a.dir)
+    ckpt_bytes = generate_moe(d / "moe-model", a.layers)
+    base = baseline_rss_mb()
+    rows = []
+    for chunk in a.experts_per_pass:
+        out = d / f"moe-quantized-{chunk}"
+        cmd = [sys.executable, "-m", "llmq", "quantize", str(d / "moe-model"), str(out), "--method", "gptq", "--bits",
+               "4", "--group-size", "128", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--calib-split",
+               "test", "--experts-per-pass", str(chunk), "--overwrite", "--quiet"]  # fmt: skip
+        subprocess.run(cmd, check=True)
+        s = json.loads((out / "summary.json").read_text())
+        used = next(x["experts_per_pass"] for x in (layer["experts"].get("mlp.experts") for layer in s["layers"]) if x)
+        model = moe_model(MOE, a.nsamples * a.seqlen, used, base)
+        rows.append({"experts_per_pass": used, "peak_rss_mb": s["peak_rss_mb"], "model_mb": model,
+                     "peak_over_model": round(s["peak_rss_mb"] / model["total"], 3),
+                     "total_time_s": s["total_time_s"], "quantize_time_s": s["quantize_time_s"],
+                     "phases_s": s.get("phases_s"), "bits_per_weight": round(s["bits_per_weight"], 4)})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    tokens = a.nsamples * a.seqlen
+    proj = {name: moe_model(shape, 128 * 2048, chunk, base, vocab) for name, (shape, chunk, vocab) in PROJECTED.items()}
+    md = [f"# Memory: one Qwen3-30B-A3B-shaped MoE layer, streamed GPTQ", "", machine_line(m), "",
+          f"A random-init Qwen3-MoE checkpoint of {a.layers} layer(s) (hidden {MOE['hidden_size']}, {MOE['num_experts']} "
+          f"experts of {MOE['moe_intermediate_size']}, top {MOE['num_experts_per_tok']}, 32 x 128 heads, 4 kv heads; "
+          f"SmolLM2's 49,152-token vocabulary), {ckpt_bytes / 2**30:.2f} GiB in bf16; `llmq quantize --method gptq "
+          f"--bits 4 --group-size 128`, {a.nsamples} x {a.seqlen} calibration tokens, each run a process of its own "
+          "(peak RSS: its VmHWM). The model is `moe_model()` in benchmarks/memory.py, the table in docs/SCALE.md.", "",
+          "| --experts-per-pass | model: layer fp32 | expert Hessians | activations | packed | embeddings + head | "
+          "baseline | **model total** | **measured peak** | peak / model | time |",
+          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        mm = r["model_mb"]
+        md.append(f"| {r['experts_per_pass']} | {mm['layer_fp32']} | {mm['expert_hessians']} | {mm['activations']} | "
+                  f"{mm['packed_layer']} | {mm['embeddings_head_fp32']} | {mm['baseline']} | **{mm['total']}** | "
+                  f"**{r['peak_rss_mb']:.0f}** | {r['peak_over_model']} | {r['total_time_s']:.0f} s |")  # fmt: skip
+    md += ["", "Projected with the same model (128 x 2048 calibration tokens, one process holding one layer):", "",
+           "| model | layer fp32 | expert Hessians (chunk) | activations | total MB |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, p in proj.items():
+        md.append(f"| {name} | {p['layer_fp32']} | {p['expert_hessians']} ({PROJECTED[name][1]}) | {p['activations']} | "
+                  f"{p['total']} |")  # fmt: skip
+    write_results("memory-moe", {"machine": m, "shape": MOE, "layers": a.layers, "calibration_tokens": tokens,
+                                 "checkpoint_bytes": ckpt_bytes, "runs": rows, "projected": proj}, "\n".join(md) + "\n")
+    return 0
+
+
+# shape, experts per pass (the default: 8 GiB of Hessians), vocabulary
+PROJECTED = {
+    "Qwen3-30B-A3B": (MOE, 128, 151936),
+    "Qwen3-235B-A22B": (dict(hidden_size=4096, moe_intermediate_size=1536, num_attention_heads=64,
+                             num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8), 128, 151936),
+    # MLA attention counted as q/kv/o of 128 heads x 128 (a little above its low-rank projections)
+    "DeepSeek-V3 (MoE layer)": (dict(hidden_size=7168, moe_intermediate_size=2048, num_attention_heads=128,
+                                     num_key_value_heads=128, head_dim=128, num_experts=256, num_experts_per_tok=8), 41,
+                                129280),
+}  # fmt: skip
+
+
 def baseline_rss_mb() -> float:
     code = "import torch, transformers, llmq; from llmq.summary import peak_rss_mb; print(peak_rss_mb())"
     return float(subprocess.check_output([sys.executable, "-c", code], text=True).strip().splitlines()[-1])
@@ -88,7 +192,11 @@ def main() -> int:
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     ap.add_argument("--out", default=None, help="results name (default memory-METHOD)")
     ap.add_argument("--flags", default="", help="more `llmq quantize` flags, e.g. \"--no-clip-search\"")
+    ap.add_argument("--moe", action="store_true", help="one Qwen3-30B-A3B-shaped MoE layer instead (--layers 1)")
+    ap.add_argument("--experts-per-pass", type=int, nargs="+", default=[0, 16], help="with --moe: runs to make")
     a = ap.parse_args()
+    if a.moe:
+        return moe_main(a)
     m = machine()  # at the start: the code this run imported
     d = Path(a.dir)
     ckpt_bytes = generate(d / "model", a.layers)

@@ -107,6 +107,10 @@ def _qwen3_moe(c: dict) -> dict:
 
 
 def _olmoe(c: dict) -> dict:
+    heads = c["num_attention_heads"]
+    if (c.get("num_key_value_heads") or heads) != heads:
+        raise LlmqError("llama.cpp's olmoe normalises k over all heads (as OLMoE-1B-7B, which has no grouped-query "
+                        f"attention): num_key_value_heads {c.get('num_key_value_heads')} != {heads} is not written")  # fmt: skip
     return _experts(c, False)
 
 

@@ -308,3 +308,34 @@ def test_nan_in_an_expert_is_named(tmp_path):
         m.model.layers[1].mlp.experts.down_proj[3, 0, 0] = math.nan
     with pytest.raises(LlmqError, match=r"model\.layers\.1\.mlp\.experts\.3\.down_proj\.weight has 1 NaN"):
         llmq.quantize(m, QuantScheme(bits=4, group_size=32))
+
+
+def perplexity(d: Path, tok_dir: Path) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tok_dir)(SAMPLE_TEXT, return_tensors="pt").input_ids[:, : 4 * 128].view(4, 128)
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    llmq.set_backend(m, "reference")
+    with torch.no_grad():
+        return math.exp(m(ids, labels=ids).loss.item())
+
+
+def test_torchrun_two_processes_give_the_tensors_of_one(tmp_path):
+    from test_distributed import tensors, torchrun
+
+    src = save_moe(tmp_path, "qwen3_moe")
+    one = quantize(src, tmp_path / "one")
+    torchrun(2, src, tmp_path / "two", *ARGS, "--calib", tmp_path / "calib.txt")
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    codes = [k for k in a if "experts" in k and k.endswith(".qweight")]
+    assert len(codes) == 2 * 4 * 3
+    differ = sum(int((a[k] != b[k]).sum()) for k in codes) / sum(a[k].numel() for k in codes)
+    assert differ < 0.05, differ  # summation order of the Hessians (partials added over ranks)
+    # layer 0 sees the embeddings: the same routing on both; its experts' token counts sum over the ranks' windows
+    assert one["layers"][0]["experts"] == two["layers"][0]["experts"]
+    assert [r["windows"] for r in two["distributed"]["ranks"]] == [4, 4]
+    p1, p2 = perplexity(tmp_path / "one", src), perplexity(tmp_path / "two", src)
+    assert abs(p2 / p1 - 1) < 0.015, (p1, p2)

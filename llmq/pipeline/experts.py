@@ -3,7 +3,8 @@
 One pass of the layer (the finished blocks replayed) records what the experts module is called with, per window:
 the hidden states [T, H] and the router's top-k index and weights — the router of the current, partially quantized
 layer. Nothing else is kept: the experts' inputs are slices of those hidden states. Then, `experts_per_pass` experts at
-a time (bounded memory: each expert's gate/up Hessian [H, H] and down Hessian [I, I] exist only for its chunk):
+a time (bounded memory: the chunk's gate/up Hessians [H, H] exist only while they are solved, then its down Hessians
+[I, I]):
 
   1. each expert's gate/up H from the tokens routed to it (gate and up share it), summed over the windows (and over
      the ranks, onto the expert's owner); GPTQ of gate and up; the dequantized weights installed (on every rank);
@@ -37,10 +38,11 @@ HESSIAN_BUDGET = 8 << 30  # bytes of fp32 expert Hessians alive at once, when --
 
 
 def experts_per_pass(cfg: GPTQConfig, hidden: int, inter: int, n: int) -> int:
-    """Experts solved together: cfg.experts_per_pass, else as many as HESSIAN_BUDGET holds (H² + I² fp32 each)."""
+    """Experts solved together: cfg.experts_per_pass, else as many as HESSIAN_BUDGET holds (a chunk holds its gate/up
+    Hessians [H, H], then its down Hessians [I, I]: max(H², I²) fp32 per expert)."""
     if cfg.experts_per_pass:
         return max(1, min(n, cfg.experts_per_pass))
-    return max(1, min(n, HESSIAN_BUDGET // (4 * (hidden * hidden + inter * inter))))
+    return max(1, min(n, HESSIAN_BUDGET // (4 * max(hidden, inter) ** 2)))
 
 
 class Recorder:
