@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 WIKI = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw"
 CALIB = ["--calib", str(WIKI), "--calib-split", "test", "--calib-range", "0.5:1", "--nsamples", "64", "--seqlen", "512"]
 EVAL_WINDOWS = 20
+POLICY_WINDOWS = 10  # the policies, compared among themselves on the perturbed model: the first 10 of those windows
 N_EXPERTS, TOP_K = 8, 2
 BIAS = [0.0, 0.0, 0.0, 0.0, 0.0, -1.5, -3.0, -5.0]
 
@@ -166,7 +167,7 @@ def build(a) -> None:
 
 
 # ---- quality and policies --------------------------------------------------------------------------------------
-def run(work: Path, model: str, tag: str, flags: list[str]) -> dict:
+def run(work: Path, model: str, tag: str, flags: list[str], windows: int = EVAL_WINDOWS) -> dict:
     """`llmq quantize` then `llmq eval` of OUT, each a process of its own; the summary's time and memory."""
     out = work / "runs" / tag
     if not (out / "eval.json").is_file():
@@ -175,7 +176,7 @@ def run(work: Path, model: str, tag: str, flags: list[str]) -> dict:
         if not (q / "config.json").is_file():
             sh([sys.executable, "-m", "llmq", "quantize", work / model, q, "--method", "gptq", *CALIB, *flags,
                 "--overwrite", "--quiet"], out.with_suffix(".quantize.log"))  # fmt: skip
-        evaluate(q, out / "eval.json", out.with_suffix(".eval.log"))
+        evaluate(q, out / "eval.json", out.with_suffix(".eval.log"), windows)
     s = json.loads((out / "q" / "summary.json").read_text())
     ev = json.loads((out / "eval.json").read_text())
     experts = [layer.get("experts", {}).get("mlp.experts") for layer in s["layers"]]
@@ -188,8 +189,8 @@ def run(work: Path, model: str, tag: str, flags: list[str]) -> dict:
             "min_tokens_per_expert": min(min(x["tokens"]) for x in experts) if experts else None}  # fmt: skip
 
 
-def evaluate(model: Path, out: Path, log: Path) -> float:
-    sh([sys.executable, "-m", "llmq", "eval", model, "--max-windows", EVAL_WINDOWS, "--json", out, "--quiet"], log)
+def evaluate(model: Path, out: Path, log: Path, windows: int = EVAL_WINDOWS) -> float:
+    sh([sys.executable, "-m", "llmq", "eval", model, "--max-windows", windows, "--json", out, "--quiet"], log)
     return json.loads(out.read_text())["perplexity"]
 
 
@@ -215,13 +216,14 @@ def policies(a) -> None:
     f = work / "runs" / "perturbed-fp.eval.json"
     if not f.is_file():
         f.parent.mkdir(parents=True, exist_ok=True)
-        evaluate(work / "perturbed", f, f.with_suffix(".log"))
+        evaluate(work / "perturbed", f, f.with_suffix(".log"), POLICY_WINDOWS)
     rows["fp"] = {"ppl": json.loads(f.read_text())["perplexity"]}
     for bits in (3,):
         for policy in ("layer", "rtn", "all"):
             tag = f"perturbed-int{bits}-{policy}"
             rows[f"int{bits} g64 {policy}"] = run(work, "perturbed", tag, ["--bits", str(bits), "--group-size", "64",
-                                                                            "--expert-policy", policy])  # fmt: skip
+                                                                            "--expert-policy", policy],
+                                                  POLICY_WINDOWS)  # fmt: skip
             print(tag, json.dumps(rows[f"int{bits} g64 {policy}"]), flush=True)
     (work / "policies.json").write_text(json.dumps(rows, indent=2) + "\n")
 
@@ -303,7 +305,7 @@ def llama_cpp(a) -> None:
                             "llama_perplexity_line": next((ln.strip() for ln in out.splitlines()
                                                            if "Final estimate" in ln), "")}  # fmt: skip
         print(mt, json.dumps(rows["tiny"][mt]), flush=True)
-    for model in ("upcycled", "perturbed"):
+    for model in a.gguf_models:
         rows[model] = upcycled_gguf(work, bin_, model)
     (work / "llama_cpp.json").write_text(json.dumps(rows, indent=2) + "\n")
 
@@ -387,6 +389,7 @@ def prepare_vllm(a) -> None:
 def vllm_part(a) -> None:
     """Runs in the vLLM venv (no llmq import): load each export; its prompt log-probs against llmq's, or the error."""
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernels.py shadows `kernels`
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its exception is the root cause
     import torch
     import vllm
     from safetensors.torch import load_file
@@ -400,7 +403,7 @@ def vllm_part(a) -> None:
             t = load_file(str(w / mt / f"windows-{sym}.safetensors"))
             try:
                 llm = LLM(model=str(w / mt / sym), dtype="float16", enforce_eager=True, max_model_len=65,
-                          max_logprobs=300, seed=0)  # fmt: skip
+                          max_logprobs=300, seed=0, distributed_executor_backend="uni")  # fmt: skip
                 res = llm.generate([TokensPrompt(prompt_token_ids=x.tolist()) for x in t["tokens"]],
                                    SamplingParams(max_tokens=1, prompt_logprobs=300), use_tqdm=False)  # fmt: skip
                 theirs = torch.full(t["llmq_logp"].shape, float("nan"), dtype=torch.float64)
@@ -453,6 +456,7 @@ def report(a) -> None:
         md.append("")
     if pol:
         md += ["## Expert policies on the perturbed upcycle (experts differ; experts 5-7 rarely routed)", "",
+               f"int3 g64 GPTQ, the same calibration; perplexity on the first {POLICY_WINDOWS} evaluation windows.", "",
                "| run | perplexity | experts the policy applied to (all layers) | tokens routed per expert, summed "
                "over layers |", "|---|---:|---:|---|"]  # fmt: skip
         for key, r in pol.items():
@@ -509,6 +513,8 @@ def main() -> None:
     p.add_argument("step", choices=["build", "quality", "policies", "llama-cpp", "prepare-vllm", "vllm", "report"])
     p.add_argument("--work", default="/tmp/llmq-moe")
     p.add_argument("--llama-cpp", default=None, help="dir holding llama-perplexity (llama-cpp step)")
+    p.add_argument("--gguf-models", nargs="*", default=["upcycled"], choices=["upcycled", "perturbed"],
+                   help="llama-cpp step: the upcycles to export and run")
     a = p.parse_args()
     {"build": build, "quality": quality, "policies": policies, "llama-cpp": llama_cpp, "prepare-vllm": prepare_vllm,
      "vllm": vllm_part, "report": report}[a.step](a)

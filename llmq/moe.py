@@ -123,12 +123,10 @@ class LinearExperts(torch.nn.ModuleList):
         return torch.cat([g, u], -1) if self.concatenated else torch.stack([g, u], -1).flatten(-2)
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        ex = self[e]
-        h = type(self._shell[0])._apply_gate(self._shell[0], self._join(ex.gate_proj(x), ex.up_proj(x)))
-        return ex.down_proj(h)
+        return self[e].down_proj(self.act_input(e, x))
 
     def act_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """down_proj's input for tokens x of expert e."""
+        """down_proj's input for tokens x of expert e: the fused module's own gating of gate and up."""
         ex = self[e]
         return type(self._shell[0])._apply_gate(self._shell[0], self._join(ex.gate_proj(x), ex.up_proj(x)))
 

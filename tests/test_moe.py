@@ -339,3 +339,59 @@ def test_torchrun_two_processes_give_the_tensors_of_one(tmp_path):
     assert [r["windows"] for r in two["distributed"]["ranks"]] == [4, 4]
     p1, p2 = perplexity(tmp_path / "one", src), perplexity(tmp_path / "two", src)
     assert abs(p2 / p1 - 1) < 0.015, (p1, p2)
+
+
+@pytest.mark.parametrize("mt", ["mixtral", "qwen3_moe"])
+def test_compressed_tensors_export_loads_in_transformers_with_llmqs_logits(mt, tmp_path):
+    """Per-expert tensors under the family's released names (Mixtral: block_sparse_moe.experts.E.w1/w3/w2), routers
+    in `ignore`: transformers + compressed-tensors fuse them into its experts and compute llmq's model."""
+    from transformers import AutoModelForCausalLM
+
+    src = save_moe(tmp_path, mt)
+    quantize(src, tmp_path / "q", "--sym", "--method", "rtn")
+    assert main(["export", str(tmp_path / "q"), str(tmp_path / "ct"), "--to", "compressed-tensors", "--quiet"]) == 0
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    router = "model.layers.1.block_sparse_moe.gate" if mt == "mixtral" else "model.layers.1.mlp.gate"
+    assert router in cfg["ignore"]
+    with safe_open(next((tmp_path / "ct").glob("*.safetensors")), "pt") as h:
+        names = set(h.keys())
+    expert = "block_sparse_moe.experts.2.w3" if mt == "mixtral" else "mlp.experts.2.up_proj"
+    assert f"model.layers.1.{expert}.weight_packed" in names
+    ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    llmq.set_backend(q, "reference")
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ct(ids).logits, q(ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-3  # the experts decompressed to float16 by transformers
+
+
+def test_gguf_export_stacks_the_experts(tmp_path, capsys):
+    import gguf
+
+    src = save_moe(tmp_path, "qwen3_moe")
+    quantize(src, tmp_path / "q", "--format", "q8_0", "--method", "rtn")
+    g = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "q"), str(g), "--to", "gguf", "--quiet"]) == 0
+    r = gguf.GGUFReader(g)
+    t = {x.name: x for x in r.tensors}
+    assert t["blk.1.ffn_up_exps.weight"].tensor_type.name == "Q8_0"
+    assert t["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    assert list(t["blk.1.ffn_down_exps.weight"].shape) == [96, 64, 4]  # ggml's ne: in, out, expert
+    assert r.fields["qwen3moe.expert_count"].contents() == 4
+    from llmq.checkpoint import CheckpointReader
+    from llmq.codec import decode, module_keys
+    from llmq.record import read
+
+    _, rec = read(tmp_path / "q")
+    reader = CheckpointReader(tmp_path / "q")
+    stack = gguf.quants.dequantize(t["blk.1.ffn_up_exps.weight"].data, t["blk.1.ffn_up_exps.weight"].tensor_type)
+    for e in range(4):
+        n = f"model.layers.1.mlp.experts.{e}.up_proj"
+        qw = decode(rec.modules[n], reader.load(module_keys(rec.modules[n], reader.keys())))
+        assert torch.equal(torch.from_numpy(stack[e].copy()), qw.dequantize(torch.float32)), e
+    bad = tmp_path / "mixed"  # experts of one layer in two types: one GGUF tensor cannot hold them
+    quantize(src, bad, "--method", "gptq", "--target-bpw", "6", "--candidates", "q4_0,q8_0")
+    capsys.readouterr()
+    assert main(["export", str(bad), str(tmp_path / "x.gguf"), "--to", "gguf", "--quiet"]) == 2
+    assert "stacks a layer's experts into one tensor of one type" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from .. import moe, timing
 from ..algorithms.gptq import solve_cost
 from ..archs import ArchSpec
 from ..config import GPTQConfig, QuantPlan
+from ..lazy import trim_heap
 from ..qtensor import QuantizedWeight
 from .activations import Activations, _pass
 from .hessian import _Stop, accumulate_xtx, symmetrize
@@ -122,6 +123,9 @@ def quantize_experts(layer, i: int, spec: ArchSpec, set_path: str, plan: QuantPl
                 for name, qw in got.items():
                     mod = experts[int(name[len(prefix) + 1:].split(".")[0])].get_submodule(name.rpartition(".")[2])
                     mod.weight.copy_(qw.dequantize(mod.weight.dtype).to(mod.weight.device))
+                # the chunk's Hessians and GPTQ temporaries (each below glibc's mmap threshold, so from the heap, between
+                # the small packed results that stay) back to the OS: without it the heap grows chunk by chunk
+                trim_heap(collect=False)
             out |= got
     report = {"tokens": routed, "calibration_tokens": all_tokens, "min_tokens": int(min_tokens),
               "policy": cfg.expert_policy, "applied_to": sorted(everything | no_h) if cfg.expert_policy != "all" else
