@@ -23,11 +23,12 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_model, machine, machine_line, write_results  # noqa: E402
+from common import RESULTS, default_model, machine, machine_line, write_results  # noqa: E402
 
 H, I, HEADS, VOCAB = 2048, 5632, 16, 49152
 
@@ -101,7 +102,8 @@ def moe_model(shape: dict, tokens: int, chunk: int, baseline_mb: float, vocab: i
     """The documented memory of one MoE layer's GPTQ conversion (docs/SCALE.md), MB: what the process holds at the
     experts' solve. `chunk`: experts whose Hessians are alive at once (--experts-per-pass)."""
     f32, MB = 4, 2**20
-    h, i, e, k = shape["hidden_size"], shape["moe_intermediate_size"], shape["num_experts"], shape["num_experts_per_tok"]
+    h, i = shape["hidden_size"], shape["moe_intermediate_size"]
+    e, k = shape["num_experts"], shape["num_experts_per_tok"]
     q = shape["num_attention_heads"] * shape["head_dim"]
     kv = shape["num_key_value_heads"] * shape["head_dim"]
     attn = h * q + 2 * h * kv + q * h
@@ -114,8 +116,16 @@ def moe_model(shape: dict, tokens: int, chunk: int, baseline_mb: float, vocab: i
            "activations": (tokens * h + min(tokens, 2048) * h + tokens * q + tokens * h) * f32 / MB
            + tokens * k * (8 + f32) / MB,
            "packed_layer": (attn + experts) * bits / 8 / MB,
-           "embeddings_head_fp32": 2 * vocab * h * f32 / MB}  # fmt: skip
-    out["total"] = sum(out.values())
+           # while the layer is read: its shard's pages (bf16 on disk), mapped by safetensors and counted in RSS until
+           # the file is closed, beside the fp32 copy being made
+           "layer_on_disk_bf16": (attn + experts + e * h) * 2 / MB}  # fmt: skip
+    out["solve_phase"] = sum(out[k] for k in ("baseline", "layer_fp32", "expert_hessians", "activations",
+                                              "packed_layer"))  # fmt: skip
+    out["read_phase"] = sum(out[k] for k in ("baseline", "layer_fp32", "layer_on_disk_bf16", "activations"))
+    # the embeddings (fp32) are held only while layer 0's inputs are captured, the head not at all: both are released
+    # before the layer loop and written at the end in the storage dtype, after the last layer is released
+    out["total"] = max(out["solve_phase"], out["read_phase"])
+    out["embeddings_fp32_calibration_only"] = vocab * h * f32 / MB
     return {k: round(v) for k, v in out.items()}
 
 
@@ -133,36 +143,56 @@ def moe_main(a) -> int:
         subprocess.run(cmd, check=True)
         s = json.loads((out / "summary.json").read_text())
         used = next(x["experts_per_pass"] for x in (layer["experts"].get("mlp.experts") for layer in s["layers"]) if x)
-        model = moe_model(MOE, a.nsamples * a.seqlen, used, base)
-        rows.append({"experts_per_pass": used, "peak_rss_mb": s["peak_rss_mb"], "model_mb": model,
-                     "peak_over_model": round(s["peak_rss_mb"] / model["total"], 3),
-                     "total_time_s": s["total_time_s"], "quantize_time_s": s["quantize_time_s"],
-                     "phases_s": s.get("phases_s"), "bits_per_weight": round(s["bits_per_weight"], 4)})  # fmt: skip
+        rows.append({"experts_per_pass": used, "peak_rss_mb": s["peak_rss_mb"], "total_time_s": s["total_time_s"],
+                     "quantize_time_s": s["quantize_time_s"], "phases_s": s.get("phases_s"),
+                     "bits_per_weight": round(s["bits_per_weight"], 4)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    tokens = a.nsamples * a.seqlen
+    payload = {"machine": m, "shape": MOE, "layers": a.layers, "calibration_tokens": a.nsamples * a.seqlen,
+               "checkpoint_bytes": ckpt_bytes, "baseline_rss_mb": base, "runs": rows, "note": a.note}  # fmt: skip
+    moe_report(payload)
+    return 0
+
+
+def moe_report(payload: dict) -> None:
+    """results/memory-moe.{json,md} from the runs: the model (moe_model) beside each measured peak, and projections."""
+    m, rows = payload["machine"], payload["runs"]
+    base, tokens = payload["baseline_rss_mb"], payload["calibration_tokens"]
+    for r in rows:
+        r["model_mb"] = moe_model(MOE, tokens, r["experts_per_pass"], base)
+        r["peak_over_model"] = round(r["peak_rss_mb"] / r["model_mb"]["total"], 3)
     proj = {name: moe_model(shape, 128 * 2048, chunk, base, vocab) for name, (shape, chunk, vocab) in PROJECTED.items()}
-    md = [f"# Memory: one Qwen3-30B-A3B-shaped MoE layer, streamed GPTQ", "", machine_line(m), "",
-          f"A random-init Qwen3-MoE checkpoint of {a.layers} layer(s) (hidden {MOE['hidden_size']}, {MOE['num_experts']} "
+    a = SimpleNamespace(layers=payload["layers"], nsamples=tokens // 256, seqlen=256)
+    ckpt_bytes = payload["checkpoint_bytes"]
+    md = ["# Memory: one Qwen3-30B-A3B-shaped MoE layer, streamed GPTQ", "", machine_line(m), "",
+          f"A random-init Qwen3-MoE checkpoint of {a.layers} layer(s) (hidden {MOE['hidden_size']}, "
+          f"{MOE['num_experts']} "
           f"experts of {MOE['moe_intermediate_size']}, top {MOE['num_experts_per_tok']}, 32 x 128 heads, 4 kv heads; "
           f"SmolLM2's 49,152-token vocabulary), {ckpt_bytes / 2**30:.2f} GiB in bf16; `llmq quantize --method gptq "
           f"--bits 4 --group-size 128`, {a.nsamples} x {a.seqlen} calibration tokens, each run a process of its own "
           "(peak RSS: its VmHWM). The model is `moe_model()` in benchmarks/memory.py, the table in docs/SCALE.md.", "",
-          "| --experts-per-pass | model: layer fp32 | expert Hessians | activations | packed | embeddings + head | "
-          "baseline | **model total** | **measured peak** | peak / model | time |",
-          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+          "| --experts-per-pass | model: layer fp32 | expert Hessians | activations | packed | layer on disk | "
+          "baseline | solve / read phase | **model (the larger)** | **measured peak** | peak / model | time |",
+          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         mm = r["model_mb"]
         md.append(f"| {r['experts_per_pass']} | {mm['layer_fp32']} | {mm['expert_hessians']} | {mm['activations']} | "
-                  f"{mm['packed_layer']} | {mm['embeddings_head_fp32']} | {mm['baseline']} | **{mm['total']}** | "
-                  f"**{r['peak_rss_mb']:.0f}** | {r['peak_over_model']} | {r['total_time_s']:.0f} s |")  # fmt: skip
+                  f"{mm['packed_layer']} | {mm['layer_on_disk_bf16']} | {mm['baseline']} | {mm['solve_phase']} / "
+                  f"{mm['read_phase']} | **{mm['total']}** | **{r['peak_rss_mb']:.0f}** | {r['peak_over_model']} | "
+                  f"{r['total_time_s']:.0f} s |")  # fmt: skip
+    md += ["", f"The embeddings (fp32, {rows[0]['model_mb']['embeddings_fp32_calibration_only']} MB) are held only "
+           "while layer 0's inputs are captured and the head not at all: both are released before the layer loop and "
+           "written at the end in the storage dtype, after the last layer is released."]
+    if payload.get("note"):
+        md += ["", payload["note"]]
     md += ["", "Projected with the same model (128 x 2048 calibration tokens, one process holding one layer):", "",
-           "| model | layer fp32 | expert Hessians (chunk) | activations | total MB |", "| --- | ---: | ---: | ---: | ---: |"]
+           "| model | layer fp32 | expert Hessians (chunk) | activations | total MB |",
+           "| --- | ---: | ---: | ---: | ---: |"]
     for name, p in proj.items():
-        md.append(f"| {name} | {p['layer_fp32']} | {p['expert_hessians']} ({PROJECTED[name][1]}) | {p['activations']} | "
+        md.append(f"| {name} | {p['layer_fp32']} | {p['expert_hessians']} ({PROJECTED[name][1]}) | "
+                  f"{p['activations']} | "
                   f"{p['total']} |")  # fmt: skip
-    write_results("memory-moe", {"machine": m, "shape": MOE, "layers": a.layers, "calibration_tokens": tokens,
-                                 "checkpoint_bytes": ckpt_bytes, "runs": rows, "projected": proj}, "\n".join(md) + "\n")
-    return 0
+    write_results("memory-moe", payload | {"projected": proj}, "\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 # shape, experts per pass (the default: 8 GiB of Hessians), vocabulary
@@ -194,7 +224,15 @@ def main() -> int:
     ap.add_argument("--flags", default="", help="more `llmq quantize` flags, e.g. \"--no-clip-search\"")
     ap.add_argument("--moe", action="store_true", help="one Qwen3-30B-A3B-shaped MoE layer instead (--layers 1)")
     ap.add_argument("--experts-per-pass", type=int, nargs="+", default=[0, 16], help="with --moe: runs to make")
+    ap.add_argument("--note", default="", help="with --moe: a line for the results (e.g. what else ran)")
+    ap.add_argument("--report", action="store_true", help="with --moe: rewrite the results from memory-moe.json")
     a = ap.parse_args()
+    if a.moe and a.report:
+        payload = json.loads((RESULTS / "memory-moe.json").read_text())
+        payload.setdefault("baseline_rss_mb", next(iter(payload["runs"]))["model_mb"]["baseline"])
+        payload["note"] = a.note or payload.get("note", "")
+        moe_report(payload)
+        return 0
     if a.moe:
         return moe_main(a)
     m = machine()  # at the start: the code this run imported
