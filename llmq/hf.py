@@ -232,6 +232,9 @@ class LlmqHfQuantizer(HfQuantizer):
             mod.prepare(name)
         if self.experts:
             self._quantize_experts(model)
+        # save_pretrained writes the module names llmq's checkpoints use (a loaded Mixtral would otherwise be saved
+        # under its original block_sparse_moe names, which llmq's own header checks do not look for)
+        model._weight_conversions = []
         if self.pre_quantized and self.verify_values:
             self._check_full_precision(model)
         if not self.pre_quantized:

@@ -235,6 +235,22 @@ def test_on_the_fly_rtn_of_experts(tmp_path):
         assert torch.allclose(q(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_on_the_fly_mixtral_saved_and_loaded_back(tmp_path):
+    """save_pretrained keeps llmq's module names (not Mixtral's block_sparse_moe, which transformers would revert to)."""
+    from transformers import AutoModelForCausalLM
+
+    src = save_moe(tmp_path, "mixtral")
+    q = AutoModelForCausalLM.from_pretrained(src, quantization_config=llmq.LlmqConfig(bits=4, group_size=32),
+                                             dtype=torch.float32)  # fmt: skip
+    q.save_pretrained(tmp_path / "saved")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    for m in (q, back):
+        llmq.set_backend(m, "reference")
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, back(ids).logits)
+
+
 def test_interrupted_in_a_layers_experts_resumes_byte_identical(tmp_path):
     src = save_moe(tmp_path, "qwen3_moe", num_hidden_layers=3)
     calib = ["--calib", str(tmp_path / "calib.txt")]
