@@ -45,6 +45,8 @@ WIKI = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw"
 CALIB = ["--calib", str(WIKI), "--calib-split", "test", "--calib-range", "0.5:1", "--nsamples", "64", "--seqlen", "512"]
 EVAL_WINDOWS = 20
 POLICY_WINDOWS = 10  # the policies, compared among themselves on the perturbed model: the first 10 of those windows
+POLICY_CALIB = ["--nsamples", "32", "--seqlen", "256"]  # and 32 x 256 calibration tokens (the rare experts rarer)
+POLICY_LAYERS = 8  # on the perturbed upcycle's first 8 layers
 N_EXPERTS, TOP_K = 8, 2
 BIAS = [0.0, 0.0, 0.0, 0.0, 0.0, -1.5, -3.0, -5.0]
 
@@ -199,10 +201,11 @@ def quality(a) -> None:
     rows = {}
     for model in ("dense", "upcycled"):
         f = work / "runs" / f"{model}-fp.eval.json"
-        if not f.is_file():
+        if model == "dense" and not f.is_file():  # the upcycle's fp logits are the dense model's (build.json)
             f.parent.mkdir(parents=True, exist_ok=True)
             evaluate(work / model, f, f.with_suffix(".log"))
-        rows[f"{model} fp"] = {"model": model, "ppl": json.loads(f.read_text())["perplexity"]}
+        if f.is_file():
+            rows[f"{model} fp"] = {"model": model, "ppl": json.loads(f.read_text())["perplexity"]}
         for bits in (4, 3):
             rows[f"{model} int{bits} g64"] = run(work, model, f"{model}-int{bits}", ["--bits", str(bits),
                                                                                       "--group-size", "64"])
@@ -210,19 +213,37 @@ def quality(a) -> None:
     (work / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def truncated(work: Path, layers: int) -> str:
+    """The perturbed upcycle's first `layers` decoder layers (and its head): the policies' model, a quarter of the
+    work of the whole one on this 2-core machine."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name = f"perturbed{layers}"
+    if not (work / name / "config.json").is_file():
+        m = AutoModelForCausalLM.from_pretrained(work / "perturbed", dtype=torch.float32)
+        del m.model.layers[layers:]
+        m.config.num_hidden_layers = layers
+        m.save_pretrained(work / name)
+        for f in (work / "perturbed").glob("tokenizer*"):
+            (work / name / f.name).write_bytes(f.read_bytes())
+    return name
+
+
 def policies(a) -> None:
     work = Path(a.work)
     rows = {}
-    f = work / "runs" / "perturbed-fp.eval.json"
+    model = truncated(work, POLICY_LAYERS)
+    f = work / "runs" / f"{model}-fp.eval.json"
     if not f.is_file():
         f.parent.mkdir(parents=True, exist_ok=True)
-        evaluate(work / "perturbed", f, f.with_suffix(".log"), POLICY_WINDOWS)
+        evaluate(work / model, f, f.with_suffix(".log"), POLICY_WINDOWS)
     rows["fp"] = {"ppl": json.loads(f.read_text())["perplexity"]}
     for bits in (3,):
         for policy in ("layer", "rtn", "all"):
-            tag = f"perturbed-int{bits}-{policy}"
-            rows[f"int{bits} g64 {policy}"] = run(work, "perturbed", tag, ["--bits", str(bits), "--group-size", "64",
-                                                                            "--expert-policy", policy],
+            tag = f"{model}-int{bits}-{policy}"
+            rows[f"int{bits} g64 {policy}"] = run(work, model, tag, ["--bits", str(bits), "--group-size", "64",
+                                                                            "--expert-policy", policy, *POLICY_CALIB],
                                                   POLICY_WINDOWS)  # fmt: skip
             print(tag, json.dumps(rows[f"int{bits} g64 {policy}"]), flush=True)
     (work / "policies.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -327,7 +348,7 @@ def upcycled_gguf(work: Path, bin_: Path, model: str) -> dict:
     t0 = time.perf_counter()
     if not (ours_dir / "model.gguf").is_file() and not list(ours_dir.glob("*.gguf")):
         sh([sys.executable, "-m", "llmq", "quantize", work / model, ours_dir, "--for", "llama.cpp:Q4_K_M",
-            "--method", "gptq", *CALIB, "--keep-llmq", "--overwrite", "--quiet"], w / "quantize.log")  # fmt: skip
+            "--method", "rtn", "--keep-llmq", "--overwrite", "--quiet"], w / "quantize.log")  # fmt: skip
     secs = time.perf_counter() - t0
     ours = next(ours_dir.glob("*.gguf"))
     # llama.cpp's own: convert_hf_to_gguf.py (f32) then llama-quantize Q4_K_M (no imatrix), as a user of llama.cpp does
@@ -343,9 +364,9 @@ def upcycled_gguf(work: Path, bin_: Path, model: str) -> dict:
     res = {"gguf_bytes": ours.stat().st_size, "llama_quantize_bytes": ref.stat().st_size,
            "types_equal": f"{same}/{len(mine)}", "types_differ": dict(list(diff.items())[:12]),
            "llmq_quantize_seconds": round(secs, 1)}  # fmt: skip
-    for tag, g in (("llmq_gptq_q4km", ours), ("llama_quantize_q4km", ref), ("f32", f32)):
+    for tag, g in (("llmq_rtn_q4km", ours), ("llama_quantize_q4km", ref), ("f32", f32)):
         out, _ = sh([bin_ / "llama-perplexity", "-m", g, "-f", w / "eval.txt", "-c", ctx, "--chunks", chunks, "-b",
-                     ctx, "-t", 2, *(["--kl-divergence-base", w / "logits.bin"] if tag == "llmq_gptq_q4km" else [])],
+                     ctx, "-t", 2, *(["--kl-divergence-base", w / "logits.bin"] if tag == "llmq_rtn_q4km" else [])],
                     w / f"perplexity-{tag}.log")  # fmt: skip
         res[f"{tag}_llama_ppl"] = next((ln.strip() for ln in out.splitlines() if "Final estimate" in ln), "")
     tokens, lc = read_kl_base(w / "logits.bin")
@@ -456,7 +477,9 @@ def report(a) -> None:
         md.append("")
     if pol:
         md += ["## Expert policies on the perturbed upcycle (experts differ; experts 5-7 rarely routed)", "",
-               f"int3 g64 GPTQ, the same calibration; perplexity on the first {POLICY_WINDOWS} evaluation windows.", "",
+               f"Its first {POLICY_LAYERS} layers and head (the whole model's time did not fit this session), int3 g64 "
+               f"GPTQ, calibration {POLICY_CALIB[1]} x {POLICY_CALIB[3]} tokens (so that the rarely routed "
+               f"experts get few), perplexity on the first {POLICY_WINDOWS} evaluation windows.", "",
                "| run | perplexity | experts the policy applied to (all layers) | tokens routed per expert, summed "
                "over layers |", "|---|---:|---:|---|"]  # fmt: skip
         for key, r in pol.items():
@@ -478,11 +501,11 @@ def report(a) -> None:
             if not u:
                 continue
             e = u["llama_cpp_vs_llmq"]
-            md += ["", f"The {model} SmolLM2, `llmq quantize --for llama.cpp:Q4_K_M --method gptq` (the protocol's "
-                   "calibration) against llama.cpp's own `convert_hf_to_gguf.py` + `llama-quantize Q4_K_M` of the same "
+            md += ["", f"The {model} SmolLM2, `llmq quantize --for llama.cpp:Q4_K_M --method rtn` against llama.cpp's "
+                   "own `convert_hf_to_gguf.py` + `llama-quantize Q4_K_M` (no imatrix) of the same "
                    f"model: tensor types equal for {u['types_equal']} tensors"
                    + (f" (differing: {u['types_differ']})" if u["types_differ"] else "") + "; llama-perplexity "
-                   f"(16 chunks of 512 from the evaluation half): llmq GPTQ `{u['llmq_gptq_q4km_llama_ppl']}`, "
+                   f"(16 chunks of 512 from the evaluation half): llmq `{u['llmq_rtn_q4km_llama_ppl']}`, "
                    f"llama-quantize `{u['llama_quantize_q4km_llama_ppl']}`, f32 `{u['f32_llama_ppl']}`; llama.cpp "
                    f"running llmq's GGUF against llmq running its checkpoint: max / mean |Δ log-prob| "
                    f"{e['max_abs_logp_diff']:.4f} / {e['mean_abs_logp_diff']:.5f}, top-1 agreement "
