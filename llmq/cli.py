@@ -21,6 +21,9 @@ from .config import (
     GPTQ_CLIP_SEARCH,
     GPTQ_INPUTS,
     GPTQ_INPUTS_WHY,
+    REFINE_FROM,
+    REFINE_STEPS,
+    REFINE_WHY,
     CalibConfig,
     GPTQConfig,
     MixedConfig,
@@ -120,7 +123,11 @@ def quantize_request(a) -> ConvertRequest:
     gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups, inputs=a.gptq_inputs,
                       sequential=a.gptq_sequential, replay=a.gptq_replay, expert_policy=a.expert_policy,
                       expert_min_tokens=a.expert_min_tokens,
-                      experts_per_pass=a.experts_per_pass) if gptq else None  # fmt: skip
+                      experts_per_pass=a.experts_per_pass, refine=a.refine or 0, refine_seqlen=a.refine_seqlen,
+                      refine_lr=a.refine_lr, refine_clip=a.refine_clip,
+                      refine_from=a.refine_from) if gptq else None  # fmt: skip
+    if a.refine and not gptq:
+        raise LlmqError("--refine trains the rounding GPTQ chose: add --method gptq (calibration data is needed)")
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
                         token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
     if a.gguf_recipe is not None and (a.format not in (None, "int") or a.bits is not None or a.group_size is not None):
@@ -306,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experts whose Hessians are held at once (default: as many as 8 GiB of fp32 Hessians hold; "
                         "docs/SCALE.md); does not change the result, so an interrupted run may resume with "
                         "another")  # fmt: skip
+    f = q.add_argument_group("learned rounding (after GPTQ; llmq/pipeline/refine.py)")
+    f.add_argument("--refine", type=int, nargs="?", const=REFINE_STEPS, default=None, metavar="STEPS",
+                   help=f"after GPTQ, train each decoder layer's rounding (an offset per weight, each code at most "
+                        f"one step from GPTQ's) and clip factors (per group) on the layer's output, STEPS signed "
+                        f"gradient steps (AutoRound's method; the stored grid is unchanged, so every export carries "
+                        f"it). Bare --refine: {REFINE_STEPS} steps. {REFINE_WHY}")  # fmt: skip
+    f.add_argument("--refine-seqlen", type=int, default=GPTQConfig.refine_seqlen, metavar="TOKENS",
+                   help=f"tokens of each calibration window (its prefix) the refinement trains on "
+                        f"(default {GPTQConfig.refine_seqlen})")  # fmt: skip
+    f.add_argument("--refine-lr", type=float, default=GPTQConfig.refine_lr, metavar="LR",
+                   help=f"signed-gradient step size, falling linearly to 0 (default {GPTQConfig.refine_lr}; "
+                        "AutoRound's 1/STEPS moved GPTQ's codes too far and raised the layers' error)")  # fmt: skip
+    f.add_argument("--refine-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="learn a clip factor per group as well as the rounding (default on; llama.cpp's block "
+                        "formats learn the rounding only)")  # fmt: skip
+    f.add_argument("--refine-from", choices=REFINE_FROM, default=GPTQConfig.refine_from,
+                   help=f"the codes the refinement starts from (default {GPTQConfig.refine_from})")
     m = q.add_argument_group("mixed precision")
     m.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                    help="choose a scheme per linear by measured sensitivity so that the average bits per weight "

@@ -133,6 +133,7 @@ class QuantScheme:
 
 
 GPTQ_INPUTS = ("quantized", "fp")
+REFINE_FROM = ("gptq", "rtn")
 # The default GPTQ recipe, from benchmarks/results/gptq_recipe.md (SmolLM2, int2/3/4-g128 and NF4-g64, two
 # calibration draws, six recipes): clip search on (without it int2 is unusable, int3 / int4 / NF4 lose 38% / 9% / 3%);
 # H from the quantized model's inputs, group by group (true sequential): 0.45% above the best recipe per scheme on
@@ -140,6 +141,9 @@ GPTQ_INPUTS = ("quantized", "fp")
 GPTQ_CLIP_SEARCH = True
 GPTQ_INPUTS_WHY = ("the lowest perplexity over int2/int3/int4-g128 and NF4-g64 on SmolLM2, "
                    "benchmarks/results/gptq_recipe.md")
+# Learned rounding (--refine): steps of a bare --refine, and what was measured (benchmarks/results/refine.md).
+REFINE_STEPS = 50
+REFINE_WHY = "Measured: benchmarks/results/refine.md."
 
 
 EXPERT_POLICIES = ("layer", "rtn", "all")
@@ -172,6 +176,13 @@ class GPTQConfig:
                    every expert the H of every token (llm-compressor's moe_calibrate_all_experts).
     expert_min_tokens: None: the expert's input width (below it its H is rank deficient).
     experts_per_pass: experts whose Hessians are alive at once; 0: as many as 8 GiB of fp32 Hessians hold.
+    refine:        after GPTQ, train each layer's rounding (an offset per weight) and clip factors (per group) on the
+                   layer's output for this many steps (pipeline/refine.py); 0: off.
+    refine_seqlen: tokens of each calibration window (its prefix) the refinement trains on.
+    refine_lr:     signed-gradient step, falling linearly to 0 (AutoRound's 1/steps, 0.02 at 50 steps, made the
+                   layers' loss worse than GPTQ's start on SmolLM2; 0.005 lowered it by 20-35%).
+    refine_clip:   learn the clip factors too (llama.cpp's block formats learn the rounding only).
+    refine_from:   "gptq": start from GPTQ's codes; "rtn": from round to nearest (AutoRound's start).
     """
 
     damp: float = 0.01
@@ -185,6 +196,11 @@ class GPTQConfig:
     expert_policy: str = "layer"
     expert_min_tokens: int | None = None
     experts_per_pass: int = 0
+    refine: int = 0
+    refine_seqlen: int = 512
+    refine_lr: float = 0.005
+    refine_clip: bool = True
+    refine_from: str = "gptq"
 
     def __post_init__(self) -> None:
         _check(0.0 < self.damp <= 1.0, f"damp={self.damp} must be in (0, 1]; 0.01 is the paper's value")
@@ -196,6 +212,12 @@ class GPTQConfig:
         _check(self.expert_min_tokens is None or self.expert_min_tokens >= 0,
                f"expert_min_tokens={self.expert_min_tokens} must be >= 0")  # fmt: skip
         _check(self.experts_per_pass >= 0, f"experts_per_pass={self.experts_per_pass} must be >= 1 (0: automatic)")
+        _check(isinstance(self.refine, int) and self.refine >= 0,
+               f"refine={self.refine!r} must be a number of steps >= 0 (0: off; 100 is a usual value)")  # fmt: skip
+        _check(self.refine_seqlen >= 1, f"refine_seqlen={self.refine_seqlen} must be >= 1")
+        _check(self.refine_lr > 0, f"refine_lr={self.refine_lr} must be > 0")
+        _check(self.refine_from in REFINE_FROM, f"refine_from={self.refine_from!r} is not known; use one of "
+               f"{', '.join(REFINE_FROM)}")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -231,6 +231,19 @@ class World:
             dist.all_reduce(t)
         return t.tolist()
 
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of `t` over the ranks (every rank gets it; the same on every rank)."""
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        home = t.device
+        t = t.to(self.device).contiguous()
+        with timing.phase("comm"), self._guard("all_reduce"):
+            dist.all_reduce(t)
+        self.bytes += _nbytes(t)
+        return t.to(home)
+
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist

@@ -22,8 +22,8 @@ import torch
 
 # the phases a layer reports, in the order the progress line prints them ("comm": between the ranks of a distributed
 # conversion, waiting for them included: distributed.py)
-PHASES = ("read", "forward", "hessian", "cholesky", "column_loop", "clip_search", "params", "outliers", "error",
-          "comm", "write")  # fmt: skip
+PHASES = ("read", "forward", "hessian", "cholesky", "column_loop", "clip_search", "params", "outliers", "refine",
+          "error", "comm", "write")  # fmt: skip
 _ACTIVE: contextvars.ContextVar[Phases | None] = contextvars.ContextVar("llmq_phases", default=None)
 
 

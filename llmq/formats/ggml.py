@@ -139,6 +139,25 @@ class BlockType:
 
     def unpack(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """uint8 [R, nb*type_size] -> (codes [R, C] uint8, effective S [R, G], effective O [R, G] or None)."""
+        codes, side = self._fields(raw)
+        R, nb = raw.shape[0], raw.shape[1] // self.type_size
+        G = nb * self.block // self.group
+        if not self.k_quant:
+            return codes, side["d"].float(), side["m"].float() if self.offset else None
+        d = side["d"].float().unsqueeze(-1)
+        sc = side["sc"].float().reshape(R, nb, -1)
+        S = (d * sc).reshape(R, G)
+        if not self.offset:
+            return codes, S, None
+        O = -(side["dmin"].float().unsqueeze(-1) * side["m"].float().reshape(R, nb, -1)).reshape(R, G)
+        return codes, S, O
+
+    def repack(self, raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The blocks `raw` with new codes [R, C] and every stored scale as it was."""
+        return self.pack(codes, self._fields(raw)[1])
+
+    def _fields(self, raw: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """uint8 [R, nb*type_size] -> (codes [R, C] uint8, the stored parameters by name, as `pack` takes them)."""
         R = raw.shape[0]
         nb = raw.shape[1] // self.type_size
         b = raw.reshape(R, nb, self.type_size)
@@ -160,17 +179,7 @@ class BlockType:
                 n = _SCALE_BYTES[self.name]
                 side |= _unpack_scales(self, b[..., pos : pos + n])
                 pos += n
-        codes = c.reshape(R, nb * self.block).to(torch.uint8)
-        G = nb * self.block // self.group
-        if not self.k_quant:
-            return codes, side["d"].float(), side["m"].float() if self.offset else None
-        d = side["d"].float().unsqueeze(-1)
-        sc = side["sc"].float().reshape(R, nb, -1)
-        S = (d * sc).reshape(R, G)
-        if not self.offset:
-            return codes, S, None
-        O = -(side["dmin"].float().unsqueeze(-1) * side["m"].float().reshape(R, nb, -1)).reshape(R, G)
-        return codes, S, O
+        return c.reshape(R, nb * self.block).to(torch.uint8), side
 
     def half_offsets(self) -> dict[str, int]:
         """Byte offset inside a block of each fp16 field (d, and m or dmin where the type has them)."""

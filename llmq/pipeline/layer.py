@@ -17,11 +17,13 @@ from ..qtensor import QuantizedWeight
 from . import experts
 from .activations import Activations, _pass, _run_layer, advance, error_windows
 from .hessian import _HessianHooks
+from .refine import RefineData, refine_layer
 from .replay import _Replay
 from .solve import (
     LayerReport,
     _quantize_modules,
     check_finite,
+    install_dequantized,
     quantize_linear,
     share_layer,
     solve_owners,
@@ -72,6 +74,8 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig,
             g for g in spec.sequential if spec.expert(g[0]))  # fmt: skip
     done: set[str] = set()
     report: dict[str, dict] = {}
+    fp, data = _refine_start(layer, spec, cfg, acts)
+    refined: dict = {}
     try:
         for gi, group in enumerate(groups):
             unit = spec.expert(group[0])
@@ -110,6 +114,9 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig,
                 trim_heap(collect=False)  # the group's freed H and GPTQ temporaries back to the OS
             done |= set(group)
             replay.start(recorded)
+        if data is not None:
+            replay.stop()  # every weight of the layer changes: nothing recorded is valid any more
+            out, refined = _refine(layer, i, spec, out, fp, data, cfg, acts)
         err = advance(layer, acts, ref_out, replay)
     finally:
         replay.stop()
@@ -117,7 +124,23 @@ def gptq_layer(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfig,
         trim_heap()
     layer.to(home)
     return out, LayerReport(i, time.perf_counter() - t0, err, {n: q.bits_per_weight() for n, q in out.items()},
-                            experts=report)
+                            experts=report, refine=refined)
+
+
+def _refine_start(layer, spec: ArchSpec, cfg: GPTQConfig, acts: Activations):
+    """With cfg.refine: the layer's fp weights and the refinement's inputs (this layer's inputs, before any pass)."""
+    if not cfg.refine:
+        return None, None
+    fp = {rel: weight_of(layer.get_submodule(rel), spec).detach().to(torch.float32, copy=True) for rel in spec.linears}
+    return fp, RefineData(acts, cfg)
+
+
+def _refine(layer, i: int, spec: ArchSpec, out: dict, fp: dict, data: RefineData, cfg: GPTQConfig,
+            acts: Activations) -> tuple[dict, dict]:  # fmt: skip
+    out, rep = refine_layer(layer, i, spec, out, fp, data, cfg, acts.world)
+    if rep["kept"]:
+        install_dequantized(layer, i, spec, out)
+    return out, rep
 
 
 
@@ -139,6 +162,7 @@ def gptq_layer_fp(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfi
     recs = {s: experts.Recorder(layer.get_submodule(s), acts.act_device, stop=False) for s in spec.experts}
     # the first windows' inputs, for the error report (their fp outputs replace them in acts)
     sample = replace(acts, inps=acts.inps[: error_windows(acts)])
+    fp, data = _refine_start(layer, spec, cfg, acts)
     timing.count("passes")
     try:
         for k, x in enumerate(acts.inps):
@@ -158,12 +182,15 @@ def gptq_layer_fp(layer, i: int, spec: ArchSpec, plan: QuantPlan, cfg: GPTQConfi
         q, report[s] = experts.quantize_experts(layer, i, spec, s, plan, cfg, acts, r.calls)
         out |= q
     del recs
+    refined: dict = {}
+    if data is not None:  # on the fp model's inputs, towards the fp layer's outputs
+        out, refined = _refine(layer, i, spec, out, fp, data, cfg, acts)
     err = advance(layer, sample, ref_out=acts.inps[: len(sample.inps)], phase="error")  # sample.inps: quantized outputs
     with timing.phase("forward"):
         trim_heap()
     layer.to(home)
     return out, LayerReport(i, time.perf_counter() - t0, err, {n: q.bits_per_weight() for n, q in out.items()},
-                            experts=report)
+                            experts=report, refine=refined)
 
 
 def log_layer(rep: LayerReport, bar, quiet: bool) -> None:

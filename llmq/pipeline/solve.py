@@ -32,6 +32,7 @@ class LayerReport:
     comm_bytes: int = 0  # bytes sent between ranks for this layer, all ranks together (distributed.py)
     replays: int = 0  # block forwards replayed from recorded inputs instead of recomputed (_Replay)
     experts: dict[str, dict] = field(default_factory=dict)  # expert set -> tokens per expert, policy (experts.py)
+    refine: dict = field(default_factory=dict)  # learned rounding: loss before / after, steps, seconds (refine.py)
 
     def timed(self, ph: timing.Phases) -> LayerReport:
         """This report with the time and phases measured around the layer (read and write included)."""
@@ -47,7 +48,7 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, na
     split = plan.row_splits.get(name)
     if split is not None:  # every piece needs the whole H
         return RowSplitWeight.quantize(W, split, functools.partial(_quantize_rows, H=H, cfg=cfg, name=name))
-    if H is None:
+    if H is None or (cfg.refine and cfg.refine_from == "rtn"):  # the refinement's other start: round to nearest
         return rtn(W, plan.scheme_for(name))
     handed = [H]
     del H
@@ -55,7 +56,8 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, plan: QuantPlan, na
 
 
 def _quantize_rows(Wp: torch.Tensor, scheme: QuantScheme, H: torch.Tensor | None, cfg: GPTQConfig, name: str):
-    return rtn(Wp, scheme) if H is None else gptq(Wp, H, scheme, cfg, name)
+    rtn_only = H is None or (cfg.refine and cfg.refine_from == "rtn")
+    return rtn(Wp, scheme) if rtn_only else gptq(Wp, H, scheme, cfg, name)
 
 
 def solve_owners(mods: dict[str, torch.nn.Module], spec: ArchSpec, world: World, gptq: bool = True) -> dict[str, int]:

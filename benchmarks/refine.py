@@ -1,0 +1,163 @@
+"""Learned rounding after GPTQ (`llmq quantize --method gptq --refine`), against the default GPTQ run, on the real model.
+
+    python benchmarks/refine.py run [--model GGUF] [--schemes int3-g128 int4-g128 ...] [--draws 0 1]
+                                    [--refine 50] [--jobs 2] [--work /tmp/llmq-refine]
+    python benchmarks/refine.py report [--work ...]                 # results/refine.{json,md}
+
+Protocol: WikiText-2 test; calibration `--nsamples` x `--seqlen` (default 32 x 2048) drawn with seed = draw from the
+second half of the token stream (`--calib-range 0.5:1`); perplexity `llmq eval --max-windows 10` (the first 10
+windows of 2048, in the first half: disjoint from calibration). Every run is `llmq quantize` (streaming, as a user
+runs it) then `llmq eval`, each a process of its own. `--jobs 2` runs GPTQ and GPTQ + refinement of the same scheme
+and draw side by side, one torch thread each, so their times are measured under the same load; the peak RSS is
+each `llmq quantize` process's own (summary.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_model, machine, machine_line, write_results  # noqa: E402
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+EVAL_WINDOWS = 10
+SCHEMES = {  # name -> llmq quantize flags
+    "int3-g128": ["--bits", "3", "--group-size", "128"],
+    "int4-g128": ["--bits", "4", "--group-size", "128"],
+    "int2-g64": ["--bits", "2", "--group-size", "64"],
+    "nf3-g64": ["--format", "nf3", "--group-size", "64"],
+    "nf4-g64": ["--format", "nf4", "--group-size", "64"],
+}
+
+
+def sh(cmd: list, log: Path, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    log.write_text(r.stdout + r.stderr)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({log}):\n{(r.stdout + r.stderr)[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def evaluate(model, out: Path, threads: int) -> float:
+    if not out.exists():
+        sh([sys.executable, "-m", "llmq", "eval", model, "--max-windows", EVAL_WINDOWS, "--json", out, "--quiet"],
+           out.with_suffix(".log"), threads)  # fmt: skip
+    return json.loads(out.read_text())["perplexity"]
+
+
+def one(a, scheme: str, draw: int, refine: int, threads: int) -> dict:
+    tag = f"{scheme}-d{draw}-" + (f"refine{refine}" if refine else "gptq")
+    q = Path(a.work) / tag
+    row = {"scheme": scheme, "draw": draw, "refine": refine, "tag": tag}
+    if not (q / "summary.json").exists() or not (q / "config.json").exists():
+        calib = ["--calib", WIKI, "--calib-split", "test", "--calib-range", "0.5:1", "--nsamples", a.nsamples,
+                 "--seqlen", a.seqlen, "--seed", draw]  # fmt: skip
+        flags = SCHEMES[scheme] + (["--refine", refine] if refine else [])
+        sh([sys.executable, "-m", "llmq", "quantize", a.model, q, "--method", "gptq", *calib, *flags, "--overwrite",
+            "--quiet"], q.with_suffix(".quantize.log"), threads)  # fmt: skip
+    s = json.loads((q / "summary.json").read_text())
+    row |= {"bits_per_weight": s["bits_per_weight"], "quantize_time_s": s["quantize_time_s"],
+            "total_time_s": s["total_time_s"], "peak_rss_mb": s["peak_rss_mb"], "phases_s": s["phases_s"],
+            "threads": threads}  # fmt: skip
+    if refine:
+        ls = [r["refine"] for r in s["layers"]]
+        row["refine_layers"] = [{k: r[k] for k in ("loss_before", "loss_after", "kept", "seconds")} for r in ls]
+    row["perplexity"] = evaluate(q, Path(a.work) / f"{tag}.eval.json", threads)
+    print(json.dumps({k: v for k, v in row.items() if k != "refine_layers"}), flush=True)
+    return row
+
+
+def run(a) -> None:
+    Path(a.work).mkdir(parents=True, exist_ok=True)
+    threads = 1 if a.jobs > 1 else 2
+    fp = evaluate(a.model, Path(a.work) / "fp.eval.json", 2)
+    print("fp perplexity", fp, flush=True)
+    pairs = [(s, d, r) for s in a.schemes for d in a.draws for r in (0, a.refine)]
+    with ThreadPoolExecutor(a.jobs) as ex:
+        rows = list(ex.map(lambda p: one(a, *p, threads), pairs))
+    prev = json.loads((Path(a.work) / "rows.json").read_text()) if (Path(a.work) / "rows.json").exists() else []
+    keep = [r for r in prev if r["tag"] not in {x["tag"] for x in rows}]
+    (Path(a.work) / "rows.json").write_text(json.dumps(keep + rows, indent=1))
+    (Path(a.work) / "setup.json").write_text(json.dumps({"fp_perplexity": fp, "model": str(a.model),
+                                                         "nsamples": a.nsamples, "seqlen": a.seqlen,
+                                                         "machine": machine()}))  # fmt: skip
+
+
+def geo(xs: list[float]) -> float:
+    return math.exp(sum(map(math.log, xs)) / len(xs))
+
+
+def report(a) -> None:
+    w = Path(a.work)
+    rows = json.loads((w / "rows.json").read_text())
+    setup = json.loads((w / "setup.json").read_text())
+    fp = setup["fp_perplexity"]
+    m = setup["machine"]
+    lines = ["# Learned rounding after GPTQ (`--refine`), SmolLM2-135M-Instruct", "", machine_line(m), "",
+             f"Protocol: WikiText-2 test; calibration {setup['nsamples']} x {setup['seqlen']} tokens (seed = draw) "
+             f"from the second half of the token stream; perplexity `llmq eval` on the first {EVAL_WINDOWS} windows "
+             f"of 2048 (the first half). fp perplexity **{fp:.3f}**. Each run `llmq quantize --method gptq` "
+             "(default recipe: act-order, static groups, clip search, true sequential), with or without `--refine "
+             "STEPS`, then `llmq eval`, each its own process; GPTQ and GPTQ + refinement of a scheme and draw ran side "
+             "by side, one torch thread each (benchmarks/refine.py). Increase = perplexity − fp; ratio = the refined "
+             "run's increase / GPTQ's (geometric mean over draws); loss = the mean relative squared output error of "
+             "the layers on the refinement's tokens, before → after (summary.json).", ""]  # fmt: skip
+    lines += ["| scheme | run | bits/w | ppl per draw | ppl (geo. mean) | increase | ratio | quantize s | refine s | "
+              "peak RSS MB | layer loss before → after |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    summary = {}
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        base = None
+        for refine in sorted({r["refine"] for r in rows if r["scheme"] == scheme}):
+            rs = sorted((r for r in rows if r["scheme"] == scheme and r["refine"] == refine), key=lambda r: r["draw"])
+            ppl = geo([r["perplexity"] for r in rs])
+            inc = ppl - fp
+            if refine == 0:
+                base = inc
+            ratio = inc / base if base and refine else None
+            t = sum(r["quantize_time_s"] for r in rs) / len(rs)
+            tr = sum(r["phases_s"].get("refine", 0.0) for r in rs) / len(rs)
+            rss = max(r["peak_rss_mb"] for r in rs)
+            loss = ""
+            if refine:
+                b = [x["loss_before"] for r in rs for x in r["refine_layers"]]
+                f = [x["loss_after"] if x["kept"] else x["loss_before"] for r in rs for x in r["refine_layers"]]
+                loss = f"{sum(b) / len(b):.4f} → {sum(f) / len(f):.4f}"
+            name = f"GPTQ + refine {refine}" if refine else "GPTQ (default)"
+            lines.append(f"| {scheme} | {name} | {rs[0]['bits_per_weight']:.3f} | "
+                         f"{' / '.join(f'{r['perplexity']:.3f}' for r in rs)} | {ppl:.3f} | {inc:+.3f} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}'} | {t:.0f} | {tr:.0f} | {rss:.0f} | {loss} |")  # fmt: skip
+            summary[f"{scheme} {name}"] = {"perplexity": ppl, "increase": inc, "ratio": ratio, "quantize_time_s": t,
+                                           "refine_time_s": tr, "peak_rss_mb": rss}  # fmt: skip
+    lines.append("")
+    write_results("refine", {"setup": setup, "rows": rows, "summary": summary}, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=["run", "report"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--schemes", nargs="+", default=["int3-g128", "int4-g128"], choices=list(SCHEMES))
+    p.add_argument("--draws", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--refine", type=int, default=50)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--work", default="/tmp/llmq-refine")
+    a = p.parse_args()
+    a.model = a.model or default_model()
+    run(a) if a.step == "run" else report(a)
+
+
+if __name__ == "__main__":
+    main()
