@@ -133,8 +133,8 @@ def report(a) -> None:
                 f = [x["loss_after"] if x["kept"] else x["loss_before"] for r in rs for x in r["refine_layers"]]
                 loss = f"{sum(b) / len(b):.4f} → {sum(f) / len(f):.4f}"
             name = f"GPTQ + refine {refine}" if refine else "GPTQ (default)"
-            lines.append(f"| {scheme} | {name} | {rs[0]['bits_per_weight']:.3f} | "
-                         f"{' / '.join(f'{r['perplexity']:.3f}' for r in rs)} | {ppl:.3f} | {inc:+.3f} | "
+            per = " / ".join(f"{r['perplexity']:.3f}" for r in rs)
+            lines.append(f"| {scheme} | {name} | {rs[0]['bits_per_weight']:.3f} | {per} | {ppl:.3f} | {inc:+.3f} | "
                          f"{'' if ratio is None else f'{ratio:.2f}'} | {t:.0f} | {tr:.0f} | {rss:.0f} | {loss} |")  # fmt: skip
             summary[f"{scheme} {name}"] = {"perplexity": ppl, "increase": inc, "ratio": ratio, "quantize_time_s": t,
                                            "refine_time_s": tr, "peak_rss_mb": rss}  # fmt: skip
