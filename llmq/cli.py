@@ -125,7 +125,7 @@ def quantize_request(a) -> ConvertRequest:
                       expert_min_tokens=a.expert_min_tokens,
                       experts_per_pass=a.experts_per_pass, refine=a.refine or 0, refine_seqlen=a.refine_seqlen,
                       refine_lr=a.refine_lr, refine_clip=a.refine_clip,
-                      refine_from=a.refine_from) if gptq else None  # fmt: skip
+                      refine_from=a.refine_from, refine_target=a.refine_target) if gptq else None  # fmt: skip
     if a.refine and not gptq:
         raise LlmqError("--refine trains the rounding GPTQ chose: add --method gptq (calibration data is needed)")
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, split=a.calib_split,
@@ -330,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "formats learn the rounding only)")  # fmt: skip
     f.add_argument("--refine-from", choices=REFINE_FROM, default=GPTQConfig.refine_from,
                    help=f"the codes the refinement starts from (default {GPTQConfig.refine_from})")
+    f.add_argument("--refine-target", choices=GPTQ_INPUTS, default=GPTQConfig.refine_target,
+                   help="what each layer's output is trained towards: 'quantized': the fp layer's output on the "
+                        "inputs the quantized model gives it (AutoRound's); 'fp': the fp model's own output of the "
+                        f"layer (default {GPTQConfig.refine_target})")  # fmt: skip
     m = q.add_argument_group("mixed precision")
     m.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                    help="choose a scheme per linear by measured sensitivity so that the average bits per weight "

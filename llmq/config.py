@@ -183,6 +183,8 @@ class GPTQConfig:
                    layers' loss worse than GPTQ's start on SmolLM2; 0.005 lowered it by 20-35%).
     refine_clip:   learn the clip factors too (llama.cpp's block formats learn the rounding only).
     refine_from:   "gptq": start from GPTQ's codes; "rtn": from round to nearest (AutoRound's start).
+    refine_target: what the layer's output is trained towards: "quantized": the fp layer's output on the inputs the
+                   quantized model gives it (AutoRound's); "fp": the fp model's own output of that layer.
     """
 
     damp: float = 0.01
@@ -201,6 +203,7 @@ class GPTQConfig:
     refine_lr: float = 0.005
     refine_clip: bool = True
     refine_from: str = "gptq"
+    refine_target: str = "quantized"
 
     def __post_init__(self) -> None:
         _check(0.0 < self.damp <= 1.0, f"damp={self.damp} must be in (0, 1]; 0.01 is the paper's value")
@@ -216,6 +219,8 @@ class GPTQConfig:
                f"refine={self.refine!r} must be a number of steps >= 0 (0: off; 100 is a usual value)")  # fmt: skip
         _check(self.refine_seqlen >= 1, f"refine_seqlen={self.refine_seqlen} must be >= 1")
         _check(self.refine_lr > 0, f"refine_lr={self.refine_lr} must be > 0")
+        _check(self.refine_target in GPTQ_INPUTS, f"refine_target={self.refine_target!r} is not known; use one of "
+               f"{', '.join(GPTQ_INPUTS)}")  # fmt: skip
         _check(self.refine_from in REFINE_FROM, f"refine_from={self.refine_from!r} is not known; use one of "
                f"{', '.join(REFINE_FROM)}")  # fmt: skip
 

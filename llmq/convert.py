@@ -41,6 +41,7 @@ from .pipeline import (
     install_dequantized,
     linear_shapes,
     log_layer,
+    refine,
     rtn_layer,
     start_activations,
 )
@@ -325,6 +326,8 @@ def _skip_layer(req: ConvertRequest, lazy: LazyModel, i: int, plan: QuantPlan, a
     layer as it was written (or the fp one, with inputs="fp"); rank 0 reads it back for every rank."""
     layer = lazy.layer(i)
     if req.gptq:
+        if req.gptq.refine and req.gptq.refine_target == "fp":  # the fp model's prefixes, through the fp layer
+            refine.advance_fp(layer, acts, req.gptq)
         if req.gptq.inputs == "quantized":
             q = world.from_root(lambda: _read_layer(req.out, prog.layers[i]["parts"], prog.modules(i)))
             install_dequantized(layer, i, lazy.spec, q)

@@ -102,7 +102,7 @@ def test_row_split_weights_refine_piece_by_piece():
     q = RowSplitWeight.quantize(W, split, lambda Wp, s: gptq(Wp, H, s, GPTQConfig()))
     r = Rounding(W, q)
     assert torch.equal(r.weight().detach(), q.dequantize())
-    opt = torch.optim.Adam(r.params(), lr=0.01)
+    opt = torch.optim.Adam([g.alpha for g in r.grids], lr=0.003)  # the group scales: smooth in the loss
     for _ in range(30):
         loss = (r.weight() @ X - W @ X).square().mean()
         opt.zero_grad()
@@ -229,7 +229,7 @@ def test_interrupted_mid_refinement_resumes_byte_identical(src, tmp_path):
     calib = ["--calib", str(tmp_path / "calib.txt")]
     flags = [*ARGS, *calib, "--refine", "12"]
     main(["quantize", str(src), str(tmp_path / "whole"), *flags])
-    # killed at layer 1's 8th loss: its 8 windows are being scored before training (4 per window set... mid-layer)
+    # killed at layer 1's 14th loss: its 8 windows scored before training, then the 6th of 12 training steps
     p = quantize_killed_after("1:refine:14", src, tmp_path / "cut", *flags)
     assert p.returncode == -9, p.stderr[-2000:]
     assert incomplete(tmp_path / "cut")
@@ -240,3 +240,79 @@ def test_interrupted_mid_refinement_resumes_byte_identical(src, tmp_path):
     assert whole and whole == sorted(p.name for p in (tmp_path / "cut").glob("model-*.safetensors"))
     for f in whole:
         assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes()
+
+
+def test_fp_target_carries_the_fp_models_activations_and_resumes_identically(src, tmp_path):
+    """refine_target "fp": the targets are the fp model's own layer outputs, carried layer to layer (and through the
+    finished layers' fp weights on resume)."""
+    fp = make_tiny("llama")
+    calib = torch.randint(0, fp.config.vocab_size, (4, 64))
+    reps_q, reps_f = [], []
+    scheme = QuantScheme(bits=3, group_size=32)
+    quantize(copy.deepcopy(fp), scheme, calib, method="gptq", gptq=GPTQConfig(refine=10), reports=reps_q)
+    quantize(copy.deepcopy(fp), scheme, calib, method="gptq", gptq=GPTQConfig(refine=10, refine_target="fp"),
+             reports=reps_f)  # fmt: skip
+    assert reps_q[0].refine["loss_before"] == reps_f[0].refine["loss_before"]  # layer 0: the same inputs
+    assert reps_q[1].refine["loss_before"] != reps_f[1].refine["loss_before"]  # layer 1: other targets
+    flags = [*ARGS, "--calib", str(tmp_path / "calib.txt"), "--refine", "8", "--refine-target", "fp"]
+    main(["quantize", str(src), str(tmp_path / "whole"), *flags])
+    p = quantize_killed_after(0, src, tmp_path / "cut", *flags)
+    assert p.returncode == -9, p.stderr[-2000:]
+    main(["quantize", str(src), str(tmp_path / "cut"), *flags])
+    for f in sorted(p.name for p in (tmp_path / "whole").glob("model-*.safetensors")):
+        assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes()
+
+
+def test_moe_experts_refine_each_its_own_rounding():
+    from tiny import make_tiny_moe
+
+    m = make_tiny_moe("qwen3_moe", vocab=300)
+    calib = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
+    reps = []
+    q = quantize(copy.deepcopy(m), QuantScheme(bits=3, group_size=32), calib, method="gptq",
+                 gptq=GPTQConfig(refine=20), reports=reps)  # fmt: skip
+    qg = quantize(copy.deepcopy(m), QuantScheme(bits=3, group_size=32), calib, method="gptq", gptq=GPTQConfig())
+    assert all(r.refine["kept"] and r.refine["loss_after"] < r.refine["loss_before"] for r in reps)
+    experts = [n for n in q if ".experts." in n]
+    assert experts and sum(int((q[n].codes() != qg[n].codes()).any()) for n in experts) > len(experts) // 2
+
+
+@pytest.mark.parametrize("to", ["compressed-tensors", "gptq", "gguf"])
+def test_refined_checkpoints_export_exactly_as_unrefined_ones(tmp_path, to):
+    """The exporters' own bit-exact checks, unchanged, on refined checkpoints (a K-quant mix for GGUF)."""
+    import gguf
+    import numpy as np
+    from test_export import SHAPES, llmq_weights, read_gptq
+    from test_gguf import KSHAPES
+
+    d = tmp_path / "src"
+    make_tiny("llama", vocab=300, **(KSHAPES if to == "gguf" else SHAPES)).save_pretrained(d)
+    make_tokenizer(300).save_pretrained(d)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    cal = ["--method", "gptq", "--nsamples", "8", "--seqlen", "64", "--calib", str(tmp_path / "calib.txt"), "--quiet"]
+    scheme = {"compressed-tensors": ["--bits", "4", "--group-size", "16"], "gptq": ["--bits", "4", "--sym", "--group-size", "16"],
+              "gguf": ["--gguf-recipe", "Q4_K_M"]}[to]  # fmt: skip
+    q, g = tmp_path / "q", tmp_path / "g"
+    main(["quantize", str(d), str(g), *cal, *scheme])
+    main(["quantize", str(d), str(q), *cal, *scheme, "--refine", "10"])
+    refined, plain = llmq_weights(q, torch.float32), llmq_weights(g, torch.float32)
+    assert any(not torch.equal(refined[n], plain[n]) for n in refined)  # the refinement changed weights
+    dest = tmp_path / ("x.gguf" if to == "gguf" else "x")
+    assert main(["export", str(q), str(dest), "--to", to, "--quiet"]) == 0
+    if to == "compressed-tensors":
+        s = json.loads((dest / "llmq_export.json").read_text())
+        assert s["max_weight_diff"] == 0.0 and s["exact_modules"] == s["modules"] == 14
+    elif to == "gptq":
+        for n, W in refined.items():
+            assert torch.equal(read_gptq(dest, n, 4, v1=True), W), n
+    else:
+        from test_gguf import expected_rows
+
+        r = gguf.GGUFReader(dest)
+        tensors = {t.name: t for t in r.tensors}
+        names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+        for n, W in refined.items():
+            t = tensors[f"blk.{n.split('.')[2]}.{names[n.split('.')[-1]]}.weight"]
+            got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(W.shape[0], -1)
+            assert np.array_equal(got, expected_rows(n, W).numpy()), n

@@ -83,8 +83,10 @@ class _Grid:
         with torch.no_grad():
             self.pos = self._position(self.s0_full())  # fixed: the codes move by V only, α scales the grid
             self.D = q0.to(self.W.device) - torch.round(self.pos)
-        self.V = torch.zeros(self.shape, device=self.W.device, requires_grad=True)
-        self.alpha = torch.ones(self.s0.shape, device=self.W.device, requires_grad=True) if self.clip else None
+        dev = self.W.device
+        self.W = None  # only its positions are needed from here on
+        self.V = torch.zeros(self.shape, device=dev, requires_grad=True)
+        self.alpha = torch.ones(self.s0.shape, device=dev, requires_grad=True) if self.clip else None
 
     def params(self) -> list[torch.Tensor]:
         return [self.V] + ([self.alpha] if self.alpha is not None else [])

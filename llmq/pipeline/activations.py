@@ -88,6 +88,7 @@ class Activations:
     world: World = field(default_factory=World)
     ids: list[int] | None = None  # the calibration windows `inps` are (indices into all ranks' windows); None: all
     total: int | None = None  # windows over all ranks
+    refine_fp: list | None = None  # GPTQConfig.refine_target "fp": the fp model's inputs of this layer (prefixes)
 
 
 def start_activations(model, spec: ArchSpec, calib: torch.Tensor, device=None, act_device="cpu",

@@ -138,6 +138,8 @@ def _refine_start(layer, spec: ArchSpec, cfg: GPTQConfig, acts: Activations):
 def _refine(layer, i: int, spec: ArchSpec, out: dict, fp: dict, data: RefineData, cfg: GPTQConfig,
             acts: Activations) -> tuple[dict, dict]:  # fmt: skip
     out, rep = refine_layer(layer, i, spec, out, fp, data, cfg, acts.world)
+    if data.fp_xs is not None:
+        acts.refine_fp = data.targets  # the fp model's outputs: the next layer's fp inputs
     if rep["kept"]:
         install_dequantized(layer, i, spec, out)
     return out, rep

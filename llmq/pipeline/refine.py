@@ -2,7 +2,8 @@
 (algorithms/refine.py) trained by signed gradient descent (AutoRound's) on the layer's output.
 
 The data: the first `refine_seqlen` tokens of each calibration window (a prefix: causal attention makes it exact),
-as the quantized model feeds the layer; the target: the full-precision layer's output on those same inputs. One
+as the quantized model feeds the layer; the target: the full-precision layer's output on those same inputs
+(refine_target "fp": the fp model's own output of the layer, carried from layer to layer beside the activations). One
 window per step per rank (torchrun: each rank its own windows, gradients summed over the ranks, so every rank
 takes the same step), windows in a seeded order, learning rate falling linearly to 0. The layer is scored before
 and after on all its prefixes; a refinement that does not lower that loss is dropped (GPTQ's codes kept)."""
@@ -52,6 +53,17 @@ class RefineData:
         self.xs = [x[:, : self.T].clone() for x in acts.inps]
         self.args, self.kwargs = prefix(acts.args, L, self.T), prefix(acts.kwargs, L, self.T)
         self.device = acts.device
+        self.fp_xs = None  # refine_target "fp": the fp model's inputs of the layer, whose fp outputs are the targets
+        if cfg.refine_target == "fp":
+            self.fp_xs = acts.refine_fp if acts.refine_fp is not None else [x.clone() for x in self.xs]
+        self.targets: list = []
+
+
+@torch.no_grad()
+def advance_fp(layer, acts: Activations, cfg: GPTQConfig) -> None:
+    """refine_target "fp", resuming: the fp model's prefixes through a finished layer's fp weights (still loaded)."""
+    data = RefineData(acts, cfg)
+    acts.refine_fp = [_forward(layer, {}, x, data) for x in data.fp_xs]
 
 
 def _forward(layer, weights: dict, x, data: RefineData):
@@ -84,14 +96,16 @@ def refine_layer(layer, i: int, spec: ArchSpec, q: dict, fp: dict[str, torch.Ten
     spec = spec.at(i)
     rels = [rel for rel in spec.linears if f"{spec.layers}.{i}.{rel}" in q]
     with timing.phase("refine"), torch.enable_grad():
-        roundings = {rel: Rounding(fp[rel], q[f"{spec.layers}.{i}.{rel}"], cfg.refine_clip) for rel in rels}
+        roundings = {rel: Rounding(fp[rel], q[f"{spec.layers}.{i}.{rel}"], cfg.refine_clip, data.device)
+                     for rel in rels}  # fmt: skip
         frozen = [p for p in layer.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
         try:
             with torch.no_grad():
                 ref = {f"{rel}.weight": (fp[rel].t() if spec.transposed else fp[rel]).to(data.device) for rel in rels}
-                targets = [_forward(layer, ref, x, data) for x in data.xs]
+                targets = [_forward(layer, ref, x, data) for x in (data.fp_xs if data.fp_xs is not None else data.xs)]
+                data.targets = targets
                 del ref
             with torch.no_grad():
                 before = _score(layer, _weights(roundings, spec, data.device), data, targets, world)
