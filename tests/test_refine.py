@@ -78,6 +78,29 @@ def test_learned_offsets_move_codes_at_most_one_step_and_never_off_the_grid(name
         assert all(torch.equal(done.parts[k], q.parts[k]) for k in ("outlier_crow", "outlier_col", "outlier_val"))
 
 
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_fused_fake_quant_gives_autograds_values_and_gradients(name):
+    W, X, H = _problem()
+    q = gptq(W, H, SCHEMES[name], GPTQConfig(static_groups=False))
+    r = Rounding(W, q)
+    g = r.grids[0]
+    with torch.no_grad():  # inside and outside the clamps
+        g.V.copy_(torch.rand(g.V.shape) * 1.4 - 0.7)
+        if g.alpha is not None:
+            g.alpha.copy_(torch.rand(g.alpha.shape) * 1.0 + 0.4)
+    grads = []
+    for f in (g.weight, g.weight_autograd):
+        w = f()
+        (w @ X - W @ X).square().mean().backward()
+        grads.append((w.detach(), [p.grad.clone() for p in g.params()]))
+        for p in g.params():
+            p.grad = None
+    (w1, g1), (w2, g2) = grads
+    assert torch.equal(w1, w2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
 def test_clip_factors_restore_scales_in_the_schemes_dtype():
     W, _, H = _problem()
     for scheme in (QuantScheme(bits=3, group_size=32), QuantScheme(bits=4, sym=True, group_size=32, double_quant=True)):
@@ -316,3 +339,33 @@ def test_refined_checkpoints_export_exactly_as_unrefined_ones(tmp_path, to):
             t = tensors[f"blk.{n.split('.')[2]}.{names[n.split('.')[-1]]}.weight"]
             got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(W.shape[0], -1)
             assert np.array_equal(got, expected_rows(n, W).numpy()), n
+
+
+def test_torchrun_two_processes_refine_on_their_own_windows(src, tmp_path):
+    """Windows split over the ranks, gradients summed: every rank takes the same step, rank 0 writes; the loss is
+    scored over both ranks' windows; the model is as good as one process's."""
+    import math
+
+    from test_distributed import torchrun
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import llmq
+
+    flags = [*ARGS, "--calib", str(tmp_path / "calib.txt"), "--refine", "12"]
+    main(["quantize", str(src), str(tmp_path / "one"), *flags])
+    torchrun(2, src, tmp_path / "two", *flags)
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert [r["windows"] for r in two["distributed"]["ranks"]] == [4, 4]
+    for a, b in zip(one["layers"], two["layers"]):
+        assert b["refine"]["kept"] and b["refine"]["loss_after"] < b["refine"]["loss_before"]
+        assert b["refine"]["tokens"] == a["refine"]["tokens"] == 8 * 64  # all ranks' windows
+    assert two["layers"][0]["refine"]["loss_before"] == pytest.approx(one["layers"][0]["refine"]["loss_before"],
+                                                                      rel=1e-3)  # fmt: skip
+    ids = AutoTokenizer.from_pretrained(src)(SAMPLE_TEXT, return_tensors="pt").input_ids[:, : 4 * 64].view(4, 64)
+    ppl = []
+    for d in ("one", "two"):
+        m = AutoModelForCausalLM.from_pretrained(tmp_path / d, dtype=torch.float32)
+        llmq.set_backend(m, "reference")
+        with torch.no_grad():
+            ppl.append(math.exp(m(ids, labels=ids).loss.item()))
+    assert abs(ppl[1] / ppl[0] - 1) < 0.02, ppl

@@ -118,11 +118,18 @@ class _Grid:
     def _codes(self, V: torch.Tensor) -> torch.Tensor:
         return torch.clamp(_round_ste(self.pos + V) + self.D, self.lo, self.hi)
 
-    def weight(self) -> torch.Tensor:
-        """The fake-quantized weight in the layer's column order, differentiable in V and α."""
+    def weight_autograd(self) -> torch.Tensor:
+        """weight() through autograd's own ops, op by op (the reference _FakeQuant's gradients are tested against)."""
         V = self.V.clamp(-V_MAX, V_MAX)
         alpha = None if self.alpha is None else self.alpha.clamp(ALPHA_MIN, ALPHA_MAX)
-        Wq = self.s0_full(alpha) * self._value(self._codes(V))
+        return self._place(self.s0_full(alpha) * self._value(self._codes(V)))
+
+    def weight(self) -> torch.Tensor:
+        """The fake-quantized weight in the layer's column order, differentiable in V and α."""
+        return self._place(_FakeQuant.apply(self.V, self.alpha, self))
+
+    def _place(self, Wq: torch.Tensor) -> torch.Tensor:
+        """Offsets, exact outliers and the layer's column order on the grid's values."""
         if self.O is not None:
             Wq = Wq + grouping.expand(self.O, self.shape, self.scheme.group_size)
         if self.exact is not None:
@@ -143,6 +150,38 @@ class _Grid:
         codes = pos if self.book is None or self.book._identity else self.book._code[pos.long()]
         out = None if self.exact is None else (self.exact.cpu(), self.exact_val.cpu())
         return QuantizedWeight.build(codes, stored, zeros, s, out, qw.perm)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """_Grid.weight_autograd in one step: the forward without a graph, the backward from two saved [R, C] tensors
+    (dŵ/dV and the grid value) instead of a dozen intermediates; about a third of a refinement step's time on SmolLM2."""
+
+    @staticmethod
+    def forward(ctx, V, alpha, grid: _Grid):
+        r = torch.round(grid.pos + V.clamp(-V_MAX, V_MAX)) + grid.D
+        c = r.clamp(grid.lo, grid.hi)
+        keep = (V.abs() <= V_MAX) & (r == c)  # where round's straight-through gradient passes both clamps
+        if grid.book is None:
+            val, slope = c - grid.z, None
+        else:
+            i = c.clamp(0, len(grid.vals) - 2).long()
+            val, slope = grid.vals[c.long()], grid.vals[i + 1] - grid.vals[i]
+        a = None if alpha is None else alpha.clamp(ALPHA_MIN, ALPHA_MAX)
+        s = grid.s0_full(a)
+        dV = s * keep if slope is None else s * slope * keep
+        ctx.grid = grid
+        ctx.save_for_backward(dV, val if alpha is not None else None,
+                              None if alpha is None else (alpha >= ALPHA_MIN) & (alpha <= ALPHA_MAX))  # fmt: skip
+        return s * val
+
+    @staticmethod
+    def backward(ctx, g):
+        dV, val, amask = ctx.saved_tensors
+        grid = ctx.grid
+        ga = None
+        if val is not None:
+            ga = grouping.to_groups(g * val, grid.scheme.group_size)[0].sum(-1).reshape(grid.s0.shape) * grid.s0 * amask
+        return g * dV, ga, None
 
 
 class Rounding:

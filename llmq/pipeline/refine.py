@@ -139,7 +139,8 @@ def refine_layer(layer, i: int, spec: ArchSpec, q: dict, fp: dict[str, torch.Ten
                 p.requires_grad_(True)
         kept = after < before
         out = out if kept else {}
-    report = {"steps": cfg.refine, "tokens": data.T * len(data.xs), "loss_before": before, "loss_after": after,
+    tokens = int(world.sum([float(data.T * len(data.xs))])[0])  # every rank's
+    report = {"steps": cfg.refine, "tokens": tokens, "loss_before": before, "loss_after": after,
               "kept": kept, "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     log.debug("layer %d refine: loss %.5g -> %.5g%s", i, before, after, "" if kept else " (GPTQ kept)")
     return q | out, report
