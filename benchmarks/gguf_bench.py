@@ -11,6 +11,8 @@ All in one run (each step's output is kept in --work, so a rerun continues where
     #  -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
     # then, in llmq's venv (the README's):
     python benchmarks/gguf_bench.py --llama-cpp .../llama.cpp/build/bin [--work /tmp/gguf-bench] [--threads 2]
+    # learned rounding (llmq quantize --refine) on the blocks, appended to gguf.md:
+    python benchmarks/gguf_bench.py --llama-cpp ... --refine 50 --mixes Q4_0 Q4_K_M
 
 What it does:
 1. The full-precision model as llama.cpp's input: SmolLM2's GGUF dequantized to F32 (fp32.gguf, same metadata).
@@ -45,7 +47,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import default_model, machine, write_results  # noqa: E402
+from common import RESULTS, default_model, machine, write_results  # noqa: E402
 
 MIXES = ("Q4_0", "Q8_0", "Q4_K_M", "Q3_K_M")
 ROUNDS = 3
@@ -133,19 +135,65 @@ def bench(bin_: Path, model: Path, work: Path, threads: int, rnd: int) -> float:
     return float(json.loads(log.read_text())[0]["avg_ts"])
 
 
-def llmq_gguf(a, mix: str, work: Path) -> tuple[Path, dict]:
-    ckpt, out = work / f"llmq-{mix}", work / f"llmq-{mix}.gguf"
+def llmq_gguf(a, mix: str, work: Path, refine: int = 0) -> tuple[Path, dict]:
+    tag = f"llmq-refine{refine}-{mix}" if refine else f"llmq-{mix}"
+    ckpt, out = work / tag, work / f"{tag}.gguf"
     py = [sys.executable, "-m", "llmq"]
     if not (ckpt / "config.json").is_file():
         t0 = time.perf_counter()
         sh([*py, "quantize", a.model, ckpt, "--method", "gptq", "--gguf-recipe", mix, "--calib-split", "test",
             "--calib-range", "0.5:1", "--nsamples", a.nsamples, "--seqlen", a.seqlen, "--seed", 0, "--gptq-inputs",
-            "fp", "--clip-search", "--dtype", "float32", "--quiet", "--overwrite"], a.threads)  # fmt: skip
-        (work / f"llmq-{mix}.time").write_text(f"{time.perf_counter() - t0:.1f}")
+            "fp", "--clip-search", "--dtype", "float32", "--quiet", "--overwrite",
+            *(["--refine", refine] if refine else [])], a.threads)  # fmt: skip
+        (work / f"{tag}.time").write_text(f"{time.perf_counter() - t0:.1f}")
     if not out.is_file():
         s = sh([*py, "export", ckpt, out, "--to", "gguf", "--json", "--quiet"], a.threads)
-        (work / f"llmq-{mix}.export.json").write_text(s[s.index("{") :])
-    return out, json.loads((work / f"llmq-{mix}.export.json").read_text())
+        (work / f"{tag}.export.json").write_text(s[s.index("{") :])
+    return out, json.loads((work / f"{tag}.export.json").read_text())
+
+
+def refine_section(a, bin_: Path, work: Path, imat: Path) -> None:
+    """--refine STEPS: llmq GPTQ + learned rounding (rounding only: the block formats keep their scales) beside
+    llmq GPTQ and llama-quantize + imatrix, appended to gguf.md / gguf.json (the rest of the results untouched)."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    rows = []
+    for mix in a.mixes:
+        out = work / f"lqi-{mix}.gguf"
+        if not out.is_file():
+            sh([bin_ / "llama-quantize", "--imatrix", imat, work / "fp32.gguf", out, mix, a.threads], a.threads)
+        rows.append({"mix": mix, "method": "llama-quantize + imatrix", "path": out})
+        for refine in (0, a.refine):
+            path, _ = llmq_gguf(a, mix, work, refine)
+            tag = f"llmq-refine{refine}-{mix}" if refine else f"llmq-{mix}"
+            rows.append({"mix": mix, "method": f"llmq GPTQ + refine {refine}" if refine else "llmq GPTQ", "path": path,
+                         "quantize_s": float((work / f"{tag}.time").read_text()),
+                         "types": tensor_types(path)})  # fmt: skip
+    for r in rows:
+        r |= perplexity(bin_, r["path"], work, a.eval_chunks, a.threads)
+    lines = ["", f"## Learned rounding (`--refine {a.refine}`) on llama.cpp's blocks", "",
+             f"`python benchmarks/gguf_bench.py --refine {a.refine} --mixes {' '.join(a.mixes)}` "
+             f"({machine()['date']}): llmq GPTQ as above, and the same conversion with `--refine {a.refine}` (each "
+             "layer's rounding trained on its output; the blocks' own scales are kept, so only the codes move: llmq/algorithms/refine.py). Same "
+             "eval text and protocol; the rows without refinement are recomputed in this run. Conversion times: "
+             f"{a.threads} threads, other work on the machine at times.", "",
+             "| mix | method | perplexity | conversion s | types equal |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        same = ""
+        if "types" in r:
+            ref = tensor_types(work / f"lqi-{r['mix']}.gguf")
+            same = "yes" if r["types"] == ref else "NO"
+        lines.append(f"| {r['mix']} | {r['method']} | {r['ppl']:.4f} ± {r['ppl_err']:.4f} | "
+                     f"{r.get('quantize_s', 0) or '':} | {same} |")  # fmt: skip
+    md = (RESULTS / "gguf.md").read_text()
+    cut = md.find("\n## Learned rounding")
+    (RESULTS / "gguf.md").write_text((md if cut < 0 else md[:cut]) + "\n".join(lines) + "\n")
+    j = json.loads((RESULTS / "gguf.json").read_text())
+    j["refine"] = {"steps": a.refine, "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()
+                                                if k != "types"} for r in rows]}  # fmt: skip
+    (RESULTS / "gguf.json").write_text(json.dumps(j, indent=2) + "\n")
+    print("\n".join(lines))
 
 
 def agreement(a, bin_: Path, mix: str, work: Path, gguf_path: Path) -> dict:
@@ -187,6 +235,9 @@ def main() -> None:
     p.add_argument("--eval-chunks", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-bench", action="store_true", help="stop before the decode-speed runs (and the report)")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="only the learned-rounding rows (llmq GPTQ with and without --refine STEPS, llama-quantize + "
+                        "imatrix), appended to gguf.md")  # fmt: skip
     p.add_argument("--alone", nargs="*", default=list(MIXES), metavar="MIX",
                    help="mixes whose llmq conversion ran alone on the machine (their times are reported)")
     a = p.parse_args()
@@ -202,6 +253,9 @@ def main() -> None:
         sh([bin_ / "llama-imatrix", "-m", fp, "-f", work / "calib.txt", "-c", a.seqlen, "--chunks", a.nsamples,
             "-t", a.threads, "-o", imat], a.threads, work / "imatrix.log")  # fmt: skip
         (work / "imatrix.time").write_text(f"{time.perf_counter() - t0:.1f}")
+    if a.refine:
+        refine_section(a, bin_, work, imat)
+        return
     rows = [{"mix": "F32", "method": "full precision (fp32.gguf)", "path": fp}]
     for mix in a.mixes:
         for tag, extra in (("lq", []), ("lqi", ["--imatrix", imat])):

@@ -1,4 +1,4 @@
-"""Learned rounding after GPTQ (`llmq quantize --method gptq --refine`), against the default GPTQ run, on the real model.
+"""Learned rounding after GPTQ (`llmq quantize --method gptq --refine`) against the default GPTQ run, on SmolLM2.
 
     python benchmarks/refine.py run [--model GGUF] [--schemes int3-g128 int4-g128 ...] [--draws 0 1]
                                     [--refine 50] [--jobs 2] [--work /tmp/llmq-refine]
@@ -134,8 +134,9 @@ def report(a) -> None:
                 loss = f"{sum(b) / len(b):.4f} → {sum(f) / len(f):.4f}"
             name = f"GPTQ + refine {refine}" if refine else "GPTQ (default)"
             per = " / ".join(f"{r['perplexity']:.3f}" for r in rs)
+            rt = "" if ratio is None else f"{ratio:.2f}"
             lines.append(f"| {scheme} | {name} | {rs[0]['bits_per_weight']:.3f} | {per} | {ppl:.3f} | {inc:+.3f} | "
-                         f"{'' if ratio is None else f'{ratio:.2f}'} | {t:.0f} | {tr:.0f} | {rss:.0f} | {loss} |")  # fmt: skip
+                         f"{rt} | {t:.0f} | {tr:.0f} | {rss:.0f} | {loss} |")  # fmt: skip
             summary[f"{scheme} {name}"] = {"perplexity": ppl, "increase": inc, "ratio": ratio, "quantize_time_s": t,
                                            "refine_time_s": tr, "peak_rss_mb": rss}  # fmt: skip
     lines.append("")

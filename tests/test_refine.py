@@ -14,9 +14,8 @@ from tiny import make_tiny
 
 from llmq.algorithms.gptq import gptq
 from llmq.algorithms.refine import ALPHA_MAX, ALPHA_MIN, Rounding
-from llmq.archs import arch_for, decoder_layers
 from llmq.cli import main
-from llmq.config import GPTQConfig, QuantPlan, QuantScheme, RowSplit
+from llmq.config import GPTQConfig, QuantScheme, RowSplit
 from llmq.errors import LlmqError
 from llmq.pipeline import quantize
 from llmq.qtensor import RowSplitWeight
@@ -313,8 +312,8 @@ def test_refined_checkpoints_export_exactly_as_unrefined_ones(tmp_path, to):
     make_tokenizer(300).save_pretrained(d)
     (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
     cal = ["--method", "gptq", "--nsamples", "8", "--seqlen", "64", "--calib", str(tmp_path / "calib.txt"), "--quiet"]
-    scheme = {"compressed-tensors": ["--bits", "4", "--group-size", "16"], "gptq": ["--bits", "4", "--sym", "--group-size", "16"],
-              "gguf": ["--gguf-recipe", "Q4_K_M"]}[to]  # fmt: skip
+    scheme = {"compressed-tensors": ["--bits", "4", "--group-size", "16"],
+              "gptq": ["--bits", "4", "--sym", "--group-size", "16"], "gguf": ["--gguf-recipe", "Q4_K_M"]}[to]
     q, g = tmp_path / "q", tmp_path / "g"
     main(["quantize", str(d), str(g), *cal, *scheme])
     main(["quantize", str(d), str(q), *cal, *scheme, "--refine", "10"])
