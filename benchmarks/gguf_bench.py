@@ -175,7 +175,8 @@ def refine_section(a, bin_: Path, work: Path, imat: Path) -> None:
     lines = ["", f"## Learned rounding (`--refine {a.refine}`) on llama.cpp's blocks", "",
              f"`python benchmarks/gguf_bench.py --refine {a.refine} --mixes {' '.join(a.mixes)}` "
              f"({machine()['date']}): llmq GPTQ as above, and the same conversion with `--refine {a.refine}` (each "
-             "layer's rounding trained on its output; the blocks' own scales are kept, so only the codes move: llmq/algorithms/refine.py). Same "
+             "layer's rounding trained on its output; the blocks' own scales are kept, so only the codes move: "
+             "llmq/algorithms/refine.py). Same "
              "eval text and protocol; the rows without refinement are recomputed in this run. Conversion times: "
              f"{a.threads} threads, other work on the machine at times.", "",
              "| mix | method | perplexity | conversion s | types equal |", "|---|---|---|---|---|"]  # fmt: skip
