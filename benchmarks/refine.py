@@ -2,6 +2,7 @@
 
     python benchmarks/refine.py run [--model GGUF] [--schemes int3-g128 int4-g128 ...] [--draws 0 1]
                                     [--refine 50] [--jobs 2] [--work /tmp/llmq-refine]
+    python benchmarks/refine.py layer8b [--work ...]                # one Llama-3-8B-shaped layer: cost per step
     python benchmarks/refine.py report [--work ...]                 # results/refine.{json,md}
 
 Protocol: WikiText-2 test; calibration `--nsamples` x `--seqlen` (default 32 x 2048) drawn with seed = draw from the
@@ -92,6 +93,28 @@ def run(a) -> None:
                                                          "machine": machine()}))  # fmt: skip
 
 
+def layer8b(a) -> None:
+    """One random-init decoder layer of Llama-3-8B's shape (benchmarks/scale.py's), GPTQ int4 g128 with and without
+    `--refine 4` (4 x 512 calibration tokens, 2 threads): the refinement's seconds per step and peak RSS at real size,
+    for the projection in docs/SCALE.md."""
+    from scale import Shape, generate
+
+    w = Path(a.work)
+    model = generate(w / "llama3-8b-1layer", Shape("Llama-3-8B (1 layer)", 4096, 14336, 1, 32, 8, 49152))
+    res = {}
+    for refine in (0, 4):
+        out = w / f"llama3-8b-refine{refine}"
+        if not (out / "summary.json").exists():
+            sh([sys.executable, "-m", "llmq", "quantize", model, out, "--method", "gptq", "--calib", WIKI,
+                "--calib-split", "test", "--nsamples", 4, "--seqlen", 512, "--bits", 4, "--group-size", 128,
+                *(["--refine", refine] if refine else []), "--overwrite", "--quiet"], out.with_suffix(".log"), 2)
+        s = json.loads((out / "summary.json").read_text())
+        res[f"refine{refine}"] = {"phases_s": s["phases_s"], "peak_rss_mb": s["peak_rss_mb"],
+                                  "layer_s": s["layers"][0]["seconds"], "refine": s["layers"][0].get("refine")}
+    (w / "layer8b.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
 def geo(xs: list[float]) -> float:
     return math.exp(sum(map(math.log, xs)) / len(xs))
 
@@ -146,7 +169,7 @@ def report(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["run", "report"])
+    p.add_argument("step", choices=["run", "layer8b", "report"])
     p.add_argument("--model", default=None)
     p.add_argument("--schemes", nargs="+", default=["int3-g128", "int4-g128"], choices=list(SCHEMES))
     p.add_argument("--draws", nargs="+", type=int, default=[0, 1])
@@ -157,7 +180,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/llmq-refine")
     a = p.parse_args()
     a.model = a.model or default_model()
-    run(a) if a.step == "run" else report(a)
+    {"run": run, "layer8b": layer8b, "report": report}[a.step](a)
 
 
 if __name__ == "__main__":

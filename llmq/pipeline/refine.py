@@ -110,6 +110,7 @@ def refine_layer(layer, i: int, spec: ArchSpec, q: dict, fp: dict[str, torch.Ten
             with torch.no_grad():
                 before = _score(layer, _weights(roundings, spec, data.device), data, targets, world)
             params = [p for r in roundings.values() for p in r.params()]
+            t_steps = time.perf_counter()
             lr = cfg.refine_lr
             gen = torch.Generator().manual_seed(1000 + i)
             order: list[int] = []
@@ -129,6 +130,7 @@ def refine_layer(layer, i: int, spec: ArchSpec, q: dict, fp: dict[str, torch.Ten
                     for p, g in zip(params, grads):
                         p.sub_(step_lr * torch.sign(g.reshape(p.shape)))
                         p.grad = None
+            t_steps = time.perf_counter() - t_steps
             out = {f"{spec.layers}.{i}.{rel}": r.finish() for rel, r in roundings.items()}
             dev = data.device
             w = {f"{rel}.weight": (W.t() if spec.transposed else W).to(dev)
@@ -140,7 +142,7 @@ def refine_layer(layer, i: int, spec: ArchSpec, q: dict, fp: dict[str, torch.Ten
         kept = after < before
         out = out if kept else {}
     tokens = int(world.sum([float(data.T * len(data.xs))])[0])  # every rank's
-    report = {"steps": cfg.refine, "tokens": tokens, "loss_before": before, "loss_after": after,
-              "kept": kept, "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    report = {"steps": cfg.refine, "tokens": tokens, "loss_before": before, "loss_after": after, "kept": kept,
+              "seconds": round(time.perf_counter() - t0, 2), "step_seconds": round(t_steps, 2)}  # fmt: skip
     log.debug("layer %d refine: loss %.5g -> %.5g%s", i, before, after, "" if kept else " (GPTQ kept)")
     return q | out, report
