@@ -163,7 +163,20 @@ def report(a) -> None:
             summary[f"{scheme} {name}"] = {"perplexity": ppl, "increase": inc, "ratio": ratio, "quantize_time_s": t,
                                            "refine_time_s": tr, "peak_rss_mb": rss}  # fmt: skip
     lines.append("")
-    write_results("refine", {"setup": setup, "rows": rows, "summary": summary}, "\n".join(lines) + "\n")
+    big = json.loads((w / "layer8b.json").read_text()) if (w / "layer8b.json").exists() else None
+    if big:
+        r0, r4 = big["refine0"], big["refine4"]
+        f = r4["refine"]
+        lines += ["## One Llama-3-8B-shaped layer", "",
+                  "`python benchmarks/refine.py layer8b`: one random-init decoder layer of Llama-3-8B's shape (4096 / "
+                  "14336, GQA 32/8), GPTQ int4 g128 on 4 x 512 calibration tokens, 2 threads, with and without "
+                  f"`--refine 4`: {f['step_seconds'] / f['steps']:.1f} s per refinement step (one 512-token window, "
+                  f"forward + backward + fake quantization of 218M weights), {f['seconds']:.0f} s for the whole "
+                  f"refinement (targets and scores included); layer {r0['layer_s']:.0f} s → {r4['layer_s']:.0f} s; "
+                  f"peak RSS {r0['peak_rss_mb']:.0f} MB → {r4['peak_rss_mb']:.0f} MB. The projection for a GPU is in "
+                  "docs/SCALE.md.", ""]  # fmt: skip
+    write_results("refine", {"setup": setup, "rows": rows, "summary": summary, "layer8b": big},
+                  "\n".join(lines) + "\n")  # fmt: skip
     print("\n".join(lines))
 
 
