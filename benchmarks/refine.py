@@ -3,6 +3,7 @@
     python benchmarks/refine.py run [--model GGUF] [--schemes int3-g128 int4-g128 ...] [--draws 0 1]
                                     [--refine 50] [--jobs 2] [--work /tmp/llmq-refine]
     python benchmarks/refine.py layer8b [--work ...]                # one Llama-3-8B-shaped layer: cost per step
+    python benchmarks/refine.py cost [--layers 6] [--work ...]      # the time bound, alone on the machine
     python benchmarks/refine.py report [--work ...]                 # results/refine.{json,md}
 
 Protocol: WikiText-2 test; calibration `--nsamples` x `--seqlen` (default 32 x 2048) drawn with seed = draw from the
@@ -67,8 +68,7 @@ def one(a, scheme: str, draw: int, refine: int, threads: int) -> dict:
             "--quiet"], q.with_suffix(".quantize.log"), threads)  # fmt: skip
     s = json.loads((q / "summary.json").read_text())
     row |= {"bits_per_weight": s["bits_per_weight"], "quantize_time_s": s["quantize_time_s"],
-            "total_time_s": s["total_time_s"], "peak_rss_mb": s["peak_rss_mb"], "phases_s": s["phases_s"],
-            "threads": threads}  # fmt: skip
+            "total_time_s": s["total_time_s"], "peak_rss_mb": s["peak_rss_mb"], "phases_s": s["phases_s"]}
     if refine:
         ls = [r["refine"] for r in s["layers"]]
         row["refine_layers"] = [{k: r[k] for k in ("loss_before", "loss_after", "kept", "seconds")} for r in ls]
@@ -94,25 +94,54 @@ def run(a) -> None:
 
 
 def layer8b(a) -> None:
-    """One random-init decoder layer of Llama-3-8B's shape (benchmarks/scale.py's), GPTQ int4 g128 with and without
-    `--refine 4` (4 x 512 calibration tokens, 2 threads): the refinement's seconds per step and peak RSS at real size,
-    for the projection in docs/SCALE.md."""
+    """One random-init decoder layer of Llama-3-8B's shape (benchmarks/scale.py's), GPTQ int4 g128 with `--refine 4`
+    (4 x 512 calibration tokens, one thread): the refinement's seconds per step, its phase beside GPTQ's, peak RSS at
+    real size, for the projection in docs/SCALE.md."""
     from scale import Shape, generate
 
     w = Path(a.work)
     model = generate(w / "llama3-8b-1layer", Shape("Llama-3-8B (1 layer)", 4096, 14336, 1, 32, 8, 49152))
     res = {}
-    for refine in (0, 4):
+    for refine in (4,):
         out = w / f"llama3-8b-refine{refine}"
         if not (out / "summary.json").exists():
             sh([sys.executable, "-m", "llmq", "quantize", model, out, "--method", "gptq", "--calib", WIKI,
                 "--calib-split", "test", "--nsamples", 4, "--seqlen", 512, "--bits", 4, "--group-size", 128,
-                *(["--refine", refine] if refine else []), "--overwrite", "--quiet"], out.with_suffix(".log"), 2)
+                *(["--refine", refine] if refine else []), "--overwrite", "--quiet"], out.with_suffix(".log"), 1)
         s = json.loads((out / "summary.json").read_text())
         res[f"refine{refine}"] = {"phases_s": s["phases_s"], "peak_rss_mb": s["peak_rss_mb"],
                                   "layer_s": s["layers"][0]["seconds"], "refine": s["layers"][0].get("refine")}
     (w / "layer8b.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
+
+
+def cost(a) -> None:
+    """The time bound, measured alone on the machine (2 threads): GPTQ int3 g128 and GPTQ + refinement of SmolLM2's
+    first `--layers` decoder layers in memory (`pipeline.quantize`, the conversion's layer loop), 32 x 2048 calibration
+    tokens of draw 0; the seconds of each layer (calibration capture excluded, the same for both)."""
+    import copy
+
+    import torch
+
+    from common import real_setup
+    from llmq.config import GPTQConfig, QuantScheme
+    from llmq.pipeline import quantize
+
+    torch.set_num_threads(2)
+    S = real_setup(a.model, a.nsamples, a.seqlen, EVAL_WINDOWS, seed=0)
+    m0 = S.fp_model
+    m0.model.layers = m0.model.layers[: a.layers]
+    m0.config.num_hidden_layers = a.layers
+    res = {}
+    for steps in (0, a.refine):
+        reps: list = []
+        quantize(copy.deepcopy(m0), QuantScheme(bits=3, group_size=128, clip_search=True), S.calib, method="gptq",
+                 gptq=GPTQConfig(refine=steps), reports=reps)  # fmt: skip
+        res[f"refine{steps}"] = {"layer_s": [round(r.seconds, 2) for r in reps],
+                                 "total_s": sum(r.seconds for r in reps), "phases": [r.phases for r in reps]}
+        print(steps, res[f"refine{steps}"]["total_s"], flush=True)
+    res["layers"], res["machine"] = a.layers, machine()
+    (Path(a.work) / "cost.json").write_text(json.dumps(res, indent=1))
 
 
 def geo(xs: list[float]) -> float:
@@ -130,8 +159,10 @@ def report(a) -> None:
              f"from the second half of the token stream; perplexity `llmq eval` on the first {EVAL_WINDOWS} windows "
              f"of 2048 (the first half). fp perplexity **{fp:.3f}**. Each run `llmq quantize --method gptq` "
              "(default recipe: act-order, static groups, clip search, true sequential), with or without `--refine "
-             "STEPS`, then `llmq eval`, each its own process; GPTQ and GPTQ + refinement of a scheme and draw ran side "
-             "by side, one torch thread each (benchmarks/refine.py). Increase = perplexity − fp; ratio = the refined "
+             "STEPS`, then `llmq eval`, each its own process with one torch thread (benchmarks/refine.py). Other jobs "
+             "shared the two cores at times (the other run, the test suite, the GGUF benchmark), so the `quantize s` "
+             "and `refine s` columns are not comparable between rows; the time bound is measured alone below. "
+             "Increase = perplexity − fp; ratio = the refined "
              "run's increase / GPTQ's (geometric mean over draws); loss = the mean relative squared output error of "
              "the layers on the refinement's tokens, before → after (summary.json).", ""]  # fmt: skip
     lines += ["| scheme | run | bits/w | ppl per draw | ppl (geo. mean) | increase | ratio | quantize s | refine s | "
@@ -163,26 +194,40 @@ def report(a) -> None:
             summary[f"{scheme} {name}"] = {"perplexity": ppl, "increase": inc, "ratio": ratio, "quantize_time_s": t,
                                            "refine_time_s": tr, "peak_rss_mb": rss}  # fmt: skip
     lines.append("")
+    c = json.loads((w / "cost.json").read_text()) if (w / "cost.json").exists() else None
+    if c:
+        g, r = c["refine0"], next(v for k, v in c.items() if k.startswith("refine") and k != "refine0")
+        steps = next(k for k in c if k.startswith("refine") and k != "refine0")[6:]
+        lines += ["## Time, alone on the machine", "",
+                  f"`python benchmarks/refine.py cost`: SmolLM2's first {c['layers']} decoder layers quantized in "
+                  "memory by the conversion's layer loop, int3 g128, 32 x 2048 calibration tokens, 2 threads, nothing "
+                  f"else running ({c['machine']['date']}): GPTQ {g['total_s']:.1f} s, GPTQ + refine {steps} "
+                  f"{r['total_s']:.1f} s: **{r['total_s'] / g['total_s']:.2f}x** (per layer: "
+                  f"{' / '.join(f'{x:.0f}' for x in g['layer_s'])} s against "
+                  f"{' / '.join(f'{x:.0f}' for x in r['layer_s'])} s). Every layer costs about the same, so the whole "
+                  "model's ratio is this one's.", ""]  # fmt: skip
     big = json.loads((w / "layer8b.json").read_text()) if (w / "layer8b.json").exists() else None
     if big:
-        r0, r4 = big["refine0"], big["refine4"]
-        f = r4["refine"]
+        r4 = big["refine4"]
+        f, ph = r4["refine"], r4["phases_s"]
+        gptq_s = sum(v for k, v in ph.items() if k not in ("refine", "read", "write"))
         lines += ["## One Llama-3-8B-shaped layer", "",
                   "`python benchmarks/refine.py layer8b`: one random-init decoder layer of Llama-3-8B's shape (4096 / "
-                  "14336, GQA 32/8), GPTQ int4 g128 on 4 x 512 calibration tokens, 2 threads, with and without "
-                  f"`--refine 4`: {f['step_seconds'] / f['steps']:.1f} s per refinement step (one 512-token window, "
-                  f"forward + backward + fake quantization of 218M weights), {f['seconds']:.0f} s for the whole "
-                  f"refinement (targets and scores included); layer {r0['layer_s']:.0f} s → {r4['layer_s']:.0f} s; "
-                  f"peak RSS {r0['peak_rss_mb']:.0f} MB → {r4['peak_rss_mb']:.0f} MB. The projection for a GPU is in "
-                  "docs/SCALE.md.", ""]  # fmt: skip
-    write_results("refine", {"setup": setup, "rows": rows, "summary": summary, "layer8b": big},
+                  "14336, GQA 32/8), GPTQ int4 g128 on 4 x 512 calibration tokens, one thread, `--refine 4`: "
+                  f"{f['step_seconds'] / f['steps']:.1f} s per refinement step (one 512-token window: forward + "
+                  f"backward + fake quantization of 218M weights), {f['seconds']:.0f} s for the whole refinement "
+                  f"(targets and the two scores of 4 windows included) beside {gptq_s:.0f} s for the rest of the "
+                  f"layer's GPTQ; peak RSS {r4['peak_rss_mb']:.0f} MB. The projection for a GPU is in docs/SCALE.md.",
+                  ""]  # fmt: skip
+    write_results("refine", {"setup": setup, "rows": rows, "summary": summary, "cost": c, "layer8b": big},
                   "\n".join(lines) + "\n")  # fmt: skip
     print("\n".join(lines))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["run", "layer8b", "report"])
+    p.add_argument("step", choices=["run", "layer8b", "cost", "report"])
+    p.add_argument("--layers", type=int, default=6)
     p.add_argument("--model", default=None)
     p.add_argument("--schemes", nargs="+", default=["int3-g128", "int4-g128"], choices=list(SCHEMES))
     p.add_argument("--draws", nargs="+", type=int, default=[0, 1])
@@ -193,7 +238,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/llmq-refine")
     a = p.parse_args()
     a.model = a.model or default_model()
-    {"run": run, "layer8b": layer8b, "report": report}[a.step](a)
+    {"run": run, "layer8b": layer8b, "cost": cost, "report": report}[a.step](a)
 
 
 if __name__ == "__main__":
