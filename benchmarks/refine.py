@@ -116,7 +116,8 @@ def layer8b(a) -> None:
 
 
 def cost(a) -> None:
-    """The time bound, measured alone on the machine (2 threads): GPTQ int3 g128 and GPTQ + refinement of SmolLM2's
+    """The time bound, GPTQ and GPTQ + refinement measured one after the other under the same load (`--threads`,
+    default 1): GPTQ int3 g128 and GPTQ + refinement of SmolLM2's
     first `--layers` decoder layers in memory (`pipeline.quantize`, the conversion's layer loop), 32 x 2048 calibration
     tokens of draw 0; the seconds of each layer (calibration capture excluded, the same for both)."""
     import copy
@@ -127,7 +128,7 @@ def cost(a) -> None:
     from llmq.config import GPTQConfig, QuantScheme
     from llmq.pipeline import quantize
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     S = real_setup(a.model, a.nsamples, a.seqlen, EVAL_WINDOWS, seed=0)
     m0 = S.fp_model
     m0.model.layers = m0.model.layers[: a.layers]
@@ -140,7 +141,7 @@ def cost(a) -> None:
         res[f"refine{steps}"] = {"layer_s": [round(r.seconds, 2) for r in reps],
                                  "total_s": sum(r.seconds for r in reps), "phases": [r.phases for r in reps]}
         print(steps, res[f"refine{steps}"]["total_s"], flush=True)
-    res["layers"], res["machine"] = a.layers, machine()
+    res["layers"], res["threads"], res["machine"] = a.layers, a.threads, machine()
     (Path(a.work) / "cost.json").write_text(json.dumps(res, indent=1))
 
 
@@ -198,10 +199,11 @@ def report(a) -> None:
     if c:
         g, r = c["refine0"], next(v for k, v in c.items() if k.startswith("refine") and k != "refine0")
         steps = next(k for k in c if k.startswith("refine") and k != "refine0")[6:]
-        lines += ["## Time, alone on the machine", "",
+        lines += ["## Time, one after the other under the same load", "",
                   f"`python benchmarks/refine.py cost`: SmolLM2's first {c['layers']} decoder layers quantized in "
-                  "memory by the conversion's layer loop, int3 g128, 32 x 2048 calibration tokens, 2 threads, nothing "
-                  f"else running ({c['machine']['date']}): GPTQ {g['total_s']:.1f} s, GPTQ + refine {steps} "
+                  f"memory by the conversion's layer loop, int3 g128, 32 x 2048 calibration tokens, {c['threads']} "
+                  "thread(s), the other core running one llama-perplexity (one thread) throughout "
+                  f"({c['machine']['date']}): GPTQ {g['total_s']:.1f} s, GPTQ + refine {steps} "
                   f"{r['total_s']:.1f} s: **{r['total_s'] / g['total_s']:.2f}x** (per layer: "
                   f"{' / '.join(f'{x:.0f}' for x in g['layer_s'])} s against "
                   f"{' / '.join(f'{x:.0f}' for x in r['layer_s'])} s). Every layer costs about the same, so the whole "
@@ -228,6 +230,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=["run", "layer8b", "cost", "report"])
     p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=None)
     p.add_argument("--schemes", nargs="+", default=["int3-g128", "int4-g128"], choices=list(SCHEMES))
     p.add_argument("--draws", nargs="+", type=int, default=[0, 1])

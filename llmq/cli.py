@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = q.add_argument_group("learned rounding (after GPTQ; llmq/pipeline/refine.py)")
     f.add_argument("--refine", type=int, nargs="?", const=REFINE_STEPS, default=None, metavar="STEPS",
                    help=f"after GPTQ, train each decoder layer's rounding (an offset per weight, each code at most "
-                        f"one step from GPTQ's) and clip factors (per group) on the layer's output, STEPS signed "
+                        f"one step from GPTQ's) and a scale factor per group on the layer's output, STEPS signed "
                         f"gradient steps (AutoRound's method; the stored grid is unchanged, so every export carries "
                         f"it). Bare --refine: {REFINE_STEPS} steps. {REFINE_WHY}")  # fmt: skip
     f.add_argument("--refine-seqlen", type=int, default=GPTQConfig.refine_seqlen, metavar="TOKENS",
@@ -326,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"signed-gradient step size, falling linearly to 0 (default {GPTQConfig.refine_lr}; "
                         "AutoRound's 1/STEPS moved GPTQ's codes too far and raised the layers' error)")  # fmt: skip
     f.add_argument("--refine-clip", action=argparse.BooleanOptionalAction, default=True,
-                   help="learn a clip factor per group as well as the rounding (default on; llama.cpp's block "
-                        "formats learn the rounding only)")  # fmt: skip
+                   help="learn a scale factor per group (clipping the range where it shrinks) as well as the "
+                        "rounding (default on; llama.cpp's block formats learn the rounding only)")  # fmt: skip
     f.add_argument("--refine-from", choices=REFINE_FROM, default=GPTQConfig.refine_from,
                    help=f"the codes the refinement starts from (default {GPTQConfig.refine_from})")
     f.add_argument("--refine-target", choices=GPTQ_INPUTS, default=GPTQConfig.refine_target,
