@@ -195,6 +195,16 @@ def report(a) -> None:
             summary[f"{scheme} {name}"] = {"perplexity": ppl, "increase": inc, "ratio": ratio, "quantize_time_s": t,
                                            "refine_time_s": tr, "peak_rss_mb": rss}  # fmt: skip
     lines.append("")
+    fpt = w / "int3-g128-d0-refine50-fp.eval.json"
+    if fpt.exists():
+        ppl = json.loads(fpt.read_text())["perplexity"]
+        q = next(r["perplexity"] for r in rows if r["tag"] == "int3-g128-d0-refine50")
+        g = next(r["perplexity"] for r in rows if r["tag"] == "int3-g128-d0-gptq")
+        lines += ["## The other target", "",
+                  "`--refine-target fp` (each layer trained towards the fp model's own output of that layer instead of "
+                  "the fp layer's output on the quantized model's inputs), int3 g128, draw 0, `llmq quantize` by hand "
+                  f"with the protocol above: **{ppl:.3f}** against {q:.3f} (the default target) and {g:.3f} (GPTQ): "
+                  f"ratio {(ppl - fp) / (g - fp):.2f} against {(q - fp) / (g - fp):.2f}.", ""]  # fmt: skip
     c = json.loads((w / "cost.json").read_text()) if (w / "cost.json").exists() else None
     if c:
         g, r = c["refine0"], next(v for k, v in c.items() if k.startswith("refine") and k != "refine0")
