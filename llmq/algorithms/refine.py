@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from ..config import QuantScheme
 from ..formats import grid, grouping
 from ..formats.codebook import Codebook
 from ..qtensor import QuantizedWeight, RowSplitWeight
@@ -210,8 +209,3 @@ class Rounding:
         if self.rows is None:
             return self.grids[0].finish()
         return RowSplitWeight(self.qw.shape, self.qw.split, [g.finish() for g in self.grids])
-
-
-def learns_clip(scheme: QuantScheme) -> bool:
-    """Whether a clip factor is learned for `scheme` (not for llama.cpp's blocks: module docstring)."""
-    return scheme.block is None

@@ -71,9 +71,13 @@ def _forward(layer, weights: dict, x, data: RefineData):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _weights(roundings: dict[str, Rounding], spec: ArchSpec, device) -> dict[str, torch.Tensor]:
-    return {f"{rel}.weight": (W.t() if spec.transposed else W).to(device)
-            for rel, r in roundings.items() for W in (r.weight(),)}  # fmt: skip
+def _weights(Ws: dict[str, torch.Tensor], spec: ArchSpec, device) -> dict[str, torch.Tensor]:
+    """{rel: W [out, in]} -> the layer's parameters by name, as functional_call takes them."""
+    return {f"{rel}.weight": (W.t() if spec.transposed else W).to(device) for rel, W in Ws.items()}
+
+
+def _rounded(roundings: dict[str, Rounding]) -> dict[str, torch.Tensor]:
+    return {rel: r.weight() for rel, r in roundings.items()}
 
 
 def _loss(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -103,12 +107,11 @@ def refine_layer(layer, i: int, spec: ArchSpec, q: dict, fp: dict[str, torch.Ten
             p.requires_grad_(False)
         try:
             with torch.no_grad():
-                ref = {f"{rel}.weight": (fp[rel].t() if spec.transposed else fp[rel]).to(data.device) for rel in rels}
+                ref = _weights({rel: fp[rel] for rel in rels}, spec, data.device)
                 targets = [_forward(layer, ref, x, data) for x in (data.fp_xs if data.fp_xs is not None else data.xs)]
                 data.targets = targets
                 del ref
-            with torch.no_grad():
-                before = _score(layer, _weights(roundings, spec, data.device), data, targets, world)
+                before = _score(layer, _weights(_rounded(roundings), spec, data.device), data, targets, world)
             params = [p for r in roundings.values() for p in r.params()]
             t_steps = time.perf_counter()
             lr = cfg.refine_lr
@@ -119,7 +122,8 @@ def refine_layer(layer, i: int, spec: ArchSpec, q: dict, fp: dict[str, torch.Ten
                     if not order:
                         order = torch.randperm(len(data.xs), generator=gen).tolist()
                     k = order.pop()
-                    loss = _loss(_forward(layer, _weights(roundings, spec, data.device), data.xs[k], data), targets[k])
+                    w = _weights(_rounded(roundings), spec, data.device)
+                    loss = _loss(_forward(layer, w, data.xs[k], data), targets[k])
                     loss.backward()
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 if world.active:
@@ -131,11 +135,10 @@ def refine_layer(layer, i: int, spec: ArchSpec, q: dict, fp: dict[str, torch.Ten
                         p.sub_(step_lr * torch.sign(g.reshape(p.shape)))
                         p.grad = None
             t_steps = time.perf_counter() - t_steps
-            out = {f"{spec.layers}.{i}.{rel}": r.finish() for rel, r in roundings.items()}
-            dev = data.device
-            w = {f"{rel}.weight": (W.t() if spec.transposed else W).to(dev)
-                 for rel in rels for W in (out[f"{spec.layers}.{i}.{rel}"].dequantize(),)}  # fmt: skip
+            done = {rel: r.finish() for rel, r in roundings.items()}
+            w = _weights({rel: qw.dequantize() for rel, qw in done.items()}, spec, data.device)
             after = _score(layer, w, data, targets, world)  # as stored: scales re-stored, codes final
+            out = {f"{spec.layers}.{i}.{rel}": qw for rel, qw in done.items()}
         finally:
             for p in frozen:
                 p.requires_grad_(True)
