@@ -30,6 +30,18 @@ from common import default_model, machine, machine_line, write_results  # noqa: 
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
 EVAL_WINDOWS = 10
+# int3 g128 runs with other refinement settings (the work directory's TAG.eval.json), for the report's table
+VARIANTS = [(tag, dict(zip(("draw", "target", "loss", "lr", "tokens"), v))) for tag, v in {
+    "int3-g128-d0-prev": (0, "quantized", "window", 0.005, "1 x 512"),
+    "int3-g128-d1-prev": (1, "quantized", "window", 0.005, "1 x 512"),
+    "int3-g128-d0-prev-fp": (0, "fp", "window", 0.005, "1 x 512"),
+    "int3-d0-tokq": (0, "quantized", "token", 0.005, "1 x 512"),
+    "int3-d0-tokfp": (0, "fp", "token", 0.005, "1 x 512"),
+    "int3-d0-tokfp-b2s256": (0, "fp", "token", 0.005, "2 x 256"),
+    "int3-d0-tokfp-lr02": (0, "fp", "token", 0.02, "1 x 512"),
+    "int3-g128-d0-refine50": (0, "fp", "token", 0.01, "1 x 512"),
+    "int3-g128-d1-refine50": (1, "fp", "token", 0.01, "1 x 512"),
+}.items()]
 SCHEMES = {  # name -> llmq quantize flags
     "int3-g128": ["--bits", "3", "--group-size", "128"],
     "int4-g128": ["--bits", "4", "--group-size", "128"],
@@ -160,7 +172,8 @@ def report(a) -> None:
              f"from the second half of the token stream; perplexity `llmq eval` on the first {EVAL_WINDOWS} windows "
              f"of 2048 (the first half). fp perplexity **{fp:.3f}**. Each run `llmq quantize --method gptq` "
              "(default recipe: act-order, static groups, clip search, true sequential), with or without `--refine "
-             "STEPS`, then `llmq eval`, each its own process with one torch thread (benchmarks/refine.py). Other jobs "
+             "STEPS` (its defaults: the fp model's own layer outputs as target, per-token loss, lr 0.01, 512-token "
+             "prefixes), then `llmq eval`, each its own process with one torch thread (benchmarks/refine.py). Other jobs "
              "shared the two cores at times (the other run, the test suite, the GGUF benchmark), so the `quantize s` "
              "and `refine s` columns are not comparable between rows; the time bound is measured alone below. "
              "Increase = perplexity − fp; ratio = the refined "
@@ -195,16 +208,29 @@ def report(a) -> None:
             summary[f"{scheme} {name}"] = {"perplexity": ppl, "increase": inc, "ratio": ratio, "quantize_time_s": t,
                                            "refine_time_s": tr, "peak_rss_mb": rss}  # fmt: skip
     lines.append("")
-    fpt = w / "int3-g128-d0-refine50-fp.eval.json"
-    if fpt.exists():
-        ppl = json.loads(fpt.read_text())["perplexity"]
-        q = next(r["perplexity"] for r in rows if r["tag"] == "int3-g128-d0-refine50")
-        g = next(r["perplexity"] for r in rows if r["tag"] == "int3-g128-d0-gptq")
-        lines += ["## The other target", "",
-                  "`--refine-target fp` (each layer trained towards the fp model's own output of that layer instead of "
-                  "the fp layer's output on the quantized model's inputs), int3 g128, draw 0, `llmq quantize` by hand "
-                  f"with the protocol above: **{ppl:.3f}** against {q:.3f} (the default target) and {g:.3f} (GPTQ): "
-                  f"ratio {(ppl - fp) / (g - fp):.2f} against {(q - fp) / (g - fp):.2f}.", ""]  # fmt: skip
+    var = [(t, d, json.loads((w / f"{t}.eval.json").read_text())["perplexity"]) for t, d in VARIANTS
+           if (w / f"{t}.eval.json").exists()]  # fmt: skip
+    if var:
+        g = {r["draw"]: r["perplexity"] for r in rows if r["scheme"] == "int3-g128" and r["refine"] == 0}
+        lines += ["## What was tried: int3 g128, 50 steps", "",
+                  "`llmq quantize --method gptq --bits 3 --group-size 128 --refine 50` with the protocol above and "
+                  "the settings of each row (target: `--refine-target`; loss: the relative squared error over the "
+                  "whole window, as the code had it at 0b50fb4, or per token averaged (llmq/pipeline/refine.py "
+                  "`_loss`: the first token of a window carries the massive activations, 98% of the squared norm of "
+                  "a 512-token prefix at layer 15); lr: `--refine-lr`; windows per step x `--refine-seqlen`). "
+                  "The window-wide and per-token rows with other settings were run with that revision or a "
+                  "temporary switch; the last setting is the default now.", "",
+                  "| draw | target | loss | lr | tokens per step | perplexity | increase / GPTQ's |",
+                  "| ---: | --- | --- | ---: | --- | ---: | ---: |"]  # fmt: skip
+        for t, d, ppl in var:
+            ratio = (ppl - fp) / (g[d["draw"]] - fp) if d["draw"] in g else float("nan")
+            lines.append(f"| {d['draw']} | {d['target']} | {d['loss']} | {d['lr']} | {d['tokens']} | {ppl:.3f} | "
+                         f"{ratio:.2f} |")  # fmt: skip
+        prev4 = w / "int4-g128-d0-prev.eval.json"
+        if prev4.exists():
+            lines += ["", "int4 g128, draw 0, with the first settings (quantized target, window loss, lr 0.005): "
+                      f"{json.loads(prev4.read_text())['perplexity']:.3f}."]  # fmt: skip
+        lines.append("")
     c = json.loads((w / "cost.json").read_text()) if (w / "cost.json").exists() else None
     if c:
         g, r = c["refine0"], next(v for k, v in c.items() if k.startswith("refine") and k != "refine0")

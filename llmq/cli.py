@@ -24,6 +24,7 @@ from .config import (
     REFINE_FROM,
     REFINE_STEPS,
     REFINE_WHY,
+    refine_by_default,
     CalibConfig,
     GPTQConfig,
     MixedConfig,
@@ -120,10 +121,14 @@ def quantize_request(a) -> ConvertRequest:
     a.method = a.method or "rtn"
     gptq = a.method == "gptq"
     mixed = None if a.target_bpw is None else MixedConfig(a.target_bpw, a.candidates, a.granularity)
+    scheme = scheme_from_args(a)
+    refine = a.refine
+    if refine is None:  # the measured default: refined at <= 3 bits (config.refine_by_default)
+        refine = REFINE_STEPS if gptq and refine_by_default(scheme, mixed, a.gguf_recipe) else 0
     gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups, inputs=a.gptq_inputs,
                       sequential=a.gptq_sequential, replay=a.gptq_replay, expert_policy=a.expert_policy,
                       expert_min_tokens=a.expert_min_tokens,
-                      experts_per_pass=a.experts_per_pass, refine=a.refine or 0, refine_seqlen=a.refine_seqlen,
+                      experts_per_pass=a.experts_per_pass, refine=refine, refine_seqlen=a.refine_seqlen,
                       refine_lr=a.refine_lr, refine_clip=a.refine_clip,
                       refine_from=a.refine_from, refine_target=a.refine_target) if gptq else None  # fmt: skip
     if a.refine and not gptq:
@@ -132,7 +137,7 @@ def quantize_request(a) -> ConvertRequest:
                         token_range=a.calib_range) if gptq or mixed else None  # fmt: skip
     if a.gguf_recipe is not None and (a.format not in (None, "int") or a.bits is not None or a.group_size is not None):
         raise LlmqError("--gguf-recipe chooses every tensor's llama.cpp type; leave out --format/--bits/--group-size")
-    return ConvertRequest(a.model, Path(a.out), a.method, scheme_from_args(a), gcfg, calib, mixed, a.gguf_recipe,
+    return ConvertRequest(a.model, Path(a.out), a.method, scheme, gcfg, calib, mixed, a.gguf_recipe,
                           a.dtype, a.max_shard_size, a.device, a.offload_activations, a.overwrite, a.quiet,
                           RotationConfig(a.rotate, a.rotate_seed), a.dist_timeout)  # fmt: skip
 
@@ -323,17 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tokens of each calibration window (its prefix) the refinement trains on "
                         f"(default {GPTQConfig.refine_seqlen})")  # fmt: skip
     f.add_argument("--refine-lr", type=float, default=GPTQConfig.refine_lr, metavar="LR",
-                   help=f"signed-gradient step size, falling linearly to 0 (default {GPTQConfig.refine_lr}; "
-                        "AutoRound's 1/STEPS moved GPTQ's codes too far and raised the layers' error)")  # fmt: skip
+                   help=f"signed-gradient step size, falling linearly to 0 (default {GPTQConfig.refine_lr}: on "
+                        "SmolLM2 int3 g128 0.01 beat 0.005; benchmarks/results/refine.md)")  # fmt: skip
     f.add_argument("--refine-clip", action=argparse.BooleanOptionalAction, default=True,
                    help="learn a scale factor per group (clipping the range where it shrinks) as well as the "
                         "rounding (default on; llama.cpp's block formats learn the rounding only)")  # fmt: skip
     f.add_argument("--refine-from", choices=REFINE_FROM, default=GPTQConfig.refine_from,
                    help=f"the codes the refinement starts from (default {GPTQConfig.refine_from})")
     f.add_argument("--refine-target", choices=GPTQ_INPUTS, default=GPTQConfig.refine_target,
-                   help="what each layer's output is trained towards: 'quantized': the fp layer's output on the "
-                        "inputs the quantized model gives it (AutoRound's); 'fp': the fp model's own output of the "
-                        f"layer (default {GPTQConfig.refine_target})")  # fmt: skip
+                   help="what each layer's output is trained towards: 'fp': the fp model's own output of the layer, "
+                        "so each layer also makes up for the error of the quantized layers before it; 'quantized': "
+                        "the fp layer's output on the inputs the quantized model gives it (AutoRound's) (default "
+                        f"{GPTQConfig.refine_target}: measured better, benchmarks/results/refine.md)")  # fmt: skip
     m = q.add_argument_group("mixed precision")
     m.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                    help="choose a scheme per linear by measured sensitivity so that the average bits per weight "

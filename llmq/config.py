@@ -143,6 +143,16 @@ GPTQ_INPUTS_WHY = ("the lowest perplexity over int2/int3/int4-g128 and NF4-g64 o
                    "benchmarks/results/gptq_recipe.md")
 # Learned rounding (--refine): steps of a bare --refine, and what was measured (benchmarks/results/refine.md).
 REFINE_STEPS = 50
+REFINE_DEFAULT_MAX_BITS = 3  # `llmq quantize --method gptq` refines by default at this width and below
+
+
+def refine_by_default(scheme: "QuantScheme", mixed, gguf_recipe) -> bool:
+    """Whether `llmq quantize --method gptq` refines (REFINE_STEPS) when --refine is not given: one integer or codebook
+    grid of at most REFINE_DEFAULT_MAX_BITS bits, where it was measured to pay most (benchmarks/results/refine.md);
+    llama.cpp's block formats (little gain: their scales stay as the block search chose) and mixed precision are
+    refined only when asked."""
+    return mixed is None and gguf_recipe is None and scheme.block is None and scheme.bits <= REFINE_DEFAULT_MAX_BITS
+
 REFINE_WHY = ("Measured on SmolLM2 (benchmarks/results/refine.md, fp 19.92): int3 g128 perplexity 33.04 -> 28.58 "
               "(0.66 of GPTQ's increase over fp), int4 g128 22.81 -> 22.17 (0.78), in 2.7x GPTQ's time.")
 
@@ -180,12 +190,15 @@ class GPTQConfig:
     refine:        after GPTQ, train each layer's rounding (an offset per weight) and a scale factor per group on the
                    layer's output for this many steps (pipeline/refine.py); 0: off.
     refine_seqlen: tokens of each calibration window (its prefix) the refinement trains on.
-    refine_lr:     signed-gradient step, falling linearly to 0 (AutoRound's 1/steps, 0.02 at 50 steps, made the
-                   layers' loss worse than GPTQ's start on SmolLM2; 0.005 lowered it by 20-35%).
+    refine_lr:     signed-gradient step, falling linearly to 0 (measured on SmolLM2 int3 g128 with the "fp" target:
+                   0.005 -> 28.06, 0.01 -> 27.90 perplexity; benchmarks/results/refine.md).
     refine_clip:   learn the group scale factors too (llama.cpp's block formats learn the rounding only).
     refine_from:   "gptq": start from GPTQ's codes; "rtn": from round to nearest (AutoRound's start).
-    refine_target: what the layer's output is trained towards: "quantized": the fp layer's output on the inputs the
-                   quantized model gives it (AutoRound's); "fp": the fp model's own output of that layer.
+    refine_target: what the layer's output is trained towards: "fp" (the default): the fp model's own output of that
+                   layer, so each layer also corrects the error the quantized layers before it left in its inputs;
+                   "quantized": the fp layer's output on the inputs the quantized model gives it (AutoRound's).
+                   "fp" measured better on SmolLM2 int3 g128 (28.06 against 29.11 perplexity, 28.25 against 28.65
+                   with a window-wide loss; benchmarks/results/refine.md).
     """
 
     damp: float = 0.01
@@ -201,10 +214,10 @@ class GPTQConfig:
     experts_per_pass: int = 0
     refine: int = 0
     refine_seqlen: int = 512
-    refine_lr: float = 0.005
+    refine_lr: float = 0.01
     refine_clip: bool = True
     refine_from: str = "gptq"
-    refine_target: str = "quantized"
+    refine_target: str = "fp"
 
     def __post_init__(self) -> None:
         _check(0.0 < self.damp <= 1.0, f"damp={self.damp} must be in (0, 1]; 0.01 is the paper's value")

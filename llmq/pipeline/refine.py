@@ -2,8 +2,10 @@
 (algorithms/refine.py) trained by signed gradient descent (AutoRound's) on the layer's output.
 
 The data: the first `refine_seqlen` tokens of each calibration window (a prefix: causal attention makes it exact),
-as the quantized model feeds the layer; the target: the full-precision layer's output on those same inputs
-(refine_target "fp": the fp model's own output of the layer, carried from layer to layer beside the activations). One
+as the quantized model feeds the layer; the target (refine_target "fp", the default): the fp model's own output of
+the layer, its inputs carried from layer to layer beside the activations, so the layer also makes up for the error
+the layers before it left; ("quantized": the full-precision layer's output on the quantized model's inputs). The loss:
+each token's relative squared error, averaged (_loss). One
 window per step per rank (torchrun: each rank its own windows, gradients summed over the ranks, so every rank
 takes the same step), windows in a seeded order, learning rate falling linearly to 0. The layer is scored before
 and after on all its prefixes; a refinement that does not lower that loss is dropped (GPTQ's codes kept)."""
@@ -81,7 +83,11 @@ def _rounded(roundings: dict[str, Rounding]) -> dict[str, torch.Tensor]:
 
 
 def _loss(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return (y - t).float().square().sum() / t.float().square().sum().clamp_min(1e-30)
+    """Each token's relative squared error ‖y − t‖² / ‖t‖², averaged over the tokens. Per token, not over the whole
+    window: a window's first token carries the model's massive activations (SmolLM2's layer 15: 98% of the squared
+    norm of a 512-token prefix), and a window-wide ratio would train the rounding on that one token."""
+    e = (y - t).float().square().sum(-1) / t.float().square().sum(-1).clamp_min(1e-30)
+    return e.mean()
 
 
 @torch.no_grad()
