@@ -21,6 +21,7 @@ from .config import (
     GPTQ_CLIP_SEARCH,
     GPTQ_INPUTS,
     GPTQ_INPUTS_WHY,
+    REFINE_DEFAULT_MAX_BITS,
     REFINE_FROM,
     REFINE_STEPS,
     REFINE_WHY,
@@ -323,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"after GPTQ, train each decoder layer's rounding (an offset per weight, each code at most "
                         f"one step from GPTQ's) and a scale factor per group on the layer's output, STEPS signed "
                         f"gradient steps (AutoRound's method; the stored grid is unchanged, so every export carries "
-                        f"it). Bare --refine: {REFINE_STEPS} steps. {REFINE_WHY}")  # fmt: skip
+                        f"it). Default with --method gptq: {REFINE_STEPS} steps on an integer grid of "
+                        f"<= {REFINE_DEFAULT_MAX_BITS} bits, else off; bare --refine: {REFINE_STEPS} steps; --refine 0: "
+                        f"off. {REFINE_WHY}")  # fmt: skip
     f.add_argument("--refine-seqlen", type=int, default=GPTQConfig.refine_seqlen, metavar="TOKENS",
                    help=f"tokens of each calibration window (its prefix) the refinement trains on "
                         f"(default {GPTQConfig.refine_seqlen})")  # fmt: skip

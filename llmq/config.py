@@ -147,11 +147,12 @@ REFINE_DEFAULT_MAX_BITS = 3  # `llmq quantize --method gptq` refines by default 
 
 
 def refine_by_default(scheme: "QuantScheme", mixed, gguf_recipe) -> bool:
-    """Whether `llmq quantize --method gptq` refines (REFINE_STEPS) when --refine is not given: one integer or codebook
-    grid of at most REFINE_DEFAULT_MAX_BITS bits, where it was measured to pay most (benchmarks/results/refine.md);
-    llama.cpp's block formats (little gain: their scales stay as the block search chose) and mixed precision are
-    refined only when asked."""
-    return mixed is None and gguf_recipe is None and scheme.block is None and scheme.bits <= REFINE_DEFAULT_MAX_BITS
+    """Whether `llmq quantize --method gptq` refines (REFINE_STEPS) when --refine is not given: one integer grid of at
+    most REFINE_DEFAULT_MAX_BITS bits, where it was measured to pay most (benchmarks/results/refine.md). Codebooks
+    (not measured on a real model yet), llama.cpp's block formats (little gain: their scales stay as the block search
+    chose), 4 bits and mixed precision are refined only when asked."""
+    return (mixed is None and gguf_recipe is None and scheme.format == "int" and scheme.block is None
+            and scheme.bits <= REFINE_DEFAULT_MAX_BITS)  # fmt: skip
 
 REFINE_WHY = ("Measured on SmolLM2 (benchmarks/results/refine.md, fp 19.92): int3 g128 perplexity 33.04 -> 28.58 "
               "(0.66 of GPTQ's increase over fp), int4 g128 22.81 -> 22.17 (0.78), in 2.7x GPTQ's time.")

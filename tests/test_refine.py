@@ -253,13 +253,13 @@ def test_cli_records_refinement_in_config_summary_and_phases(src, tmp_path):
 
 @pytest.mark.parametrize("flags,steps", [
     (["--method", "gptq", "--bits", "3"], 50), (["--method", "gptq", "--bits", "2", "--group-size", "64"], 50),
-    (["--method", "gptq", "--format", "nf3"], 50), (["--method", "gptq", "--bits", "3", "--refine", "0"], 0),
+    (["--method", "gptq", "--format", "nf3"], 0), (["--method", "gptq", "--bits", "3", "--refine", "0"], 0),
     (["--method", "gptq", "--bits", "3", "--refine", "20"], 20), (["--method", "gptq", "--bits", "4"], 0),
     (["--method", "gptq", "--bits", "4", "--refine"], 50), (["--method", "gptq", "--format", "q3_k"], 0),
     (["--method", "gptq", "--bits", "3", "--target-bpw", "3.5"], 0), (["--bits", "3"], 0)])  # fmt: skip
 def test_refinement_is_the_default_at_three_bits_and_below(flags, steps):
-    """GPTQ on one integer or codebook grid of <= 3 bits refines unless told not to (config.refine_by_default);
-    4 bits, llama.cpp's block formats, mixed precision and RTN only when asked (RTN: refused)."""
+    """GPTQ on one integer grid of <= 3 bits refines unless told not to (config.refine_by_default); codebooks, 4 bits,
+    llama.cpp's block formats and mixed precision only when asked (RTN: refused)."""
     from llmq.cli import build_parser, quantize_request
 
     req = quantize_request(build_parser().parse_args(["quantize", "m", "o", *flags]))
