@@ -75,7 +75,7 @@ def one(a, scheme: str, draw: int, refine: int, threads: int) -> dict:
     if not (q / "summary.json").exists() or not (q / "config.json").exists():
         calib = ["--calib", WIKI, "--calib-split", "test", "--calib-range", "0.5:1", "--nsamples", a.nsamples,
                  "--seqlen", a.seqlen, "--seed", draw]  # fmt: skip
-        flags = SCHEMES[scheme] + (["--refine", refine] if refine else [])
+        flags = SCHEMES[scheme] + ["--refine", refine]  # 0: GPTQ alone (at <= 3 bits it refines by default)
         sh([sys.executable, "-m", "llmq", "quantize", a.model, q, "--method", "gptq", *calib, *flags, "--overwrite",
             "--quiet"], q.with_suffix(".quantize.log"), threads)  # fmt: skip
     s = json.loads((q / "summary.json").read_text())
@@ -183,7 +183,7 @@ def report(a) -> None:
               "peak RSS MB | layer loss before → after |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     summary = {}
-    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+    for scheme in [s for s in SCHEMES if any(r["scheme"] == s for r in rows)]:
         base = None
         for refine in sorted({r["refine"] for r in rows if r["scheme"] == scheme}):
             rs = sorted((r for r in rows if r["scheme"] == scheme and r["refine"] == refine), key=lambda r: r["draw"])
@@ -238,7 +238,8 @@ def report(a) -> None:
         lines += ["## Time, one after the other under the same load", "",
                   f"`python benchmarks/refine.py cost`: SmolLM2's first {c['layers']} decoder layers quantized in "
                   f"memory by the conversion's layer loop, int3 g128, 32 x 2048 calibration tokens, {c['threads']} "
-                  "thread(s), the other core running one llama-perplexity (one thread) throughout "
+                  "thread(s), the other core running one other single-threaded job throughout (an `llmq quantize` "
+                  "of NF4) "
                   f"({c['machine']['date']}): GPTQ {g['total_s']:.1f} s, GPTQ + refine {steps} "
                   f"{r['total_s']:.1f} s: **{r['total_s'] / g['total_s']:.2f}x** (per layer: "
                   f"{' / '.join(f'{x:.0f}' for x in g['layer_s'])} s against "

@@ -154,8 +154,9 @@ def refine_by_default(scheme: "QuantScheme", mixed, gguf_recipe) -> bool:
     return (mixed is None and gguf_recipe is None and scheme.format == "int" and scheme.block is None
             and scheme.bits <= REFINE_DEFAULT_MAX_BITS)  # fmt: skip
 
-REFINE_WHY = ("Measured on SmolLM2 (benchmarks/results/refine.md, fp 19.92): int3 g128 perplexity 33.04 -> 28.58 "
-              "(0.66 of GPTQ's increase over fp), int4 g128 22.81 -> 22.17 (0.78), in 2.7x GPTQ's time.")
+REFINE_WHY = ("Measured on SmolLM2 (benchmarks/results/refine.md, fp 19.92): perplexity int2 g64 111.6 -> 61.6 "
+              "(0.45 of GPTQ's increase over fp), int3 g128 33.04 -> 28.07 (0.62), int4 g128 22.84 -> 21.91 (0.68), "
+              "in 2.7x GPTQ's time.")
 
 
 EXPERT_POLICIES = ("layer", "rtn", "all")
