@@ -177,7 +177,7 @@ def run(work: Path, model: str, tag: str, flags: list[str], windows: int = EVAL_
         q = out / "q"
         if not (q / "config.json").is_file():
             sh([sys.executable, "-m", "llmq", "quantize", work / model, q, "--method", "gptq", *CALIB, *flags,
-                "--refine", "0", "--overwrite", "--quiet"], out.with_suffix(".quantize.log"))  # GPTQ's own, as in moe.md
+                "--refine", "0", "--overwrite", "--quiet"], out.with_suffix(".quantize.log"))  # GPTQ's, as moe.md
         evaluate(q, out / "eval.json", out.with_suffix(".eval.log"), windows)
     s = json.loads((out / "q" / "summary.json").read_text())
     ev = json.loads((out / "eval.json").read_text())
