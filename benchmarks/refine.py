@@ -177,8 +177,9 @@ def report(a) -> None:
              "jobs shared the two cores at times (the other runs, up to four at once, and tests), so the `quantize s` "
              "and `refine s` columns are not comparable between rows; the time bound is measured alone below. "
              "Increase = perplexity − fp; ratio = the refined "
-             "run's increase / GPTQ's (geometric mean over draws); loss = the mean relative squared output error of "
-             "the layers on the refinement's tokens, before → after (summary.json).", ""]  # fmt: skip
+             "run's increase / GPTQ's (geometric mean over draws); loss = the refinement's loss (each token's relative "
+             "squared error against the fp model's output of the layer, which includes what the layers before left), "
+             "averaged over the layers, before → after (summary.json).", ""]  # fmt: skip
     lines += ["| scheme | run | bits/w | ppl per draw | ppl (geo. mean) | increase | ratio | quantize s | refine s | "
               "peak RSS MB | layer loss before → after |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
@@ -200,7 +201,7 @@ def report(a) -> None:
                 b = [x["loss_before"] for r in rs for x in r["refine_layers"]]
                 f = [x["loss_after"] if x["kept"] else x["loss_before"] for r in rs for x in r["refine_layers"]]
                 loss = f"{sum(b) / len(b):.4f} → {sum(f) / len(f):.4f}"
-            name = f"GPTQ + refine {refine}" if refine else "GPTQ (default)"
+            name = f"GPTQ + refine {refine}" if refine else "GPTQ (`--refine 0`)"
             per = " / ".join(f"{r['perplexity']:.3f}" for r in rs)
             rt = "" if ratio is None else f"{ratio:.2f}"
             lines.append(f"| {scheme} | {name} | {rs[0]['bits_per_weight']:.3f} | {per} | {ppl:.3f} | {inc:+.3f} | "
@@ -256,8 +257,9 @@ def report(a) -> None:
                   f"{f['step_seconds'] / f['steps']:.1f} s per refinement step (one 512-token window: forward + "
                   f"backward + fake quantization of 218M weights), {f['seconds']:.0f} s for the whole refinement "
                   f"(targets and the two scores of 4 windows included) beside {gptq_s:.0f} s for the rest of the "
-                  f"layer's GPTQ; peak RSS {r4['peak_rss_mb']:.0f} MB. The projection for a GPU is in docs/SCALE.md.",
-                  ""]  # fmt: skip
+                  f"layer's GPTQ; peak RSS {r4['peak_rss_mb']:.0f} MB (measured with the first settings, before the "
+                  "refinement's state was packed from about 27 to 20 bytes per weight: docs/SCALE.md). The "
+                  "projection for a GPU is in docs/SCALE.md.", ""]  # fmt: skip
     write_results("refine", {"setup": setup, "rows": rows, "summary": summary, "cost": c, "layer8b": big},
                   "\n".join(lines) + "\n")  # fmt: skip
     print("\n".join(lines))

@@ -156,7 +156,7 @@ def refine_by_default(scheme: "QuantScheme", mixed, gguf_recipe) -> bool:
 
 REFINE_WHY = ("Measured on SmolLM2 (benchmarks/results/refine.md, fp 19.92): perplexity int2 g64 111.6 -> 61.6 "
               "(0.45 of GPTQ's increase over fp), int3 g128 33.04 -> 28.07 (0.62), int4 g128 22.84 -> 21.91 (0.68), "
-              "in 2.7x GPTQ's time.")
+              "in 2.6x GPTQ's time.")
 
 
 EXPERT_POLICIES = ("layer", "rtn", "all")
