@@ -206,7 +206,7 @@ def prepare_vllm(a) -> None:
 
 def vllm_part(a) -> None:
     """Runs in the vLLM venv: no llmq import."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernels.py shadows `kernels`
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernel_speed.py shadows `kernels`
     import torch
     import vllm
     from safetensors.torch import load_file

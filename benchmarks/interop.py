@@ -125,7 +125,7 @@ def prepare(a) -> None:
 
 def vllm_part(a) -> None:
     """Runs in the vLLM venv: no llmq import."""
-    # this script's folder holds benchmarks/kernels.py, which would shadow the `kernels` package vLLM probes for
+    # this script's folder holds benchmarks/kernel_speed.py, which would shadow the `kernels` package vLLM probes for
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     import torch
     from safetensors.torch import load_file

@@ -53,7 +53,7 @@ BIAS = [0.0, 0.0, 0.0, 0.0, 0.0, -1.5, -3.0, -5.0]
 
 def _benchmarks_path() -> None:
     """benchmarks/ on sys.path for common.py and families_engines.py; not at import: vLLM's engine process re-imports
-    this file, and benchmarks/kernels.py would shadow the `kernels` package it imports."""
+    this file, and benchmarks/kernel_speed.py would shadow the `kernels` package it imports."""
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
 
@@ -450,7 +450,7 @@ def prepare_vllm(a) -> None:
 
 def vllm_part(a) -> None:
     """Runs in the vLLM venv (no llmq import): load each export; its prompt log-probs against llmq's, or the error."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernels.py shadows `kernels`
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernel_speed.py shadows `kernels`
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its exception is the root cause
     import torch
     import vllm

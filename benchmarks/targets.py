@@ -149,7 +149,7 @@ def prepare(a) -> None:
 
 def vllm_part(a) -> None:
     """Runs in the vLLM venv: no llmq import."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernels.py shadows `kernels`
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernel_speed.py shadows `kernels`
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

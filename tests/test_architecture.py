@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"llmq": REPO / "llmq", "llmq.kernels": REPO / "kernels", "llmq.eval": REPO / "eval"}
+PACKAGES = {"llmq": REPO / "llmq", "llmq.kernels": REPO / "llmq" / "kernels", "llmq.eval": REPO / "eval"}
 
 # Lowest first: a module may import only modules of earlier layers (or of its own layer, without a loop).
 LAYERS = [

@@ -11,7 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CHECK = (
     "import llmq, llmq.kernels, llmq.eval, importlib.util as u; "
-    "assert u.find_spec('kernels') is None, 'top-level kernels importable'; "
+    "import os; s = u.find_spec('kernels'); "  # Hugging Face's `kernels` (transformers >= 5.25) may be there; ours not
+    "assert s is None or not os.path.exists(os.path.join(os.path.dirname(s.origin), 'skinny.py')), s; "
     "assert 'site-packages' in llmq.__file__ or '{mode}' == 'editable', llmq.__file__; "
     "print(llmq.kernels.__file__)"
 )

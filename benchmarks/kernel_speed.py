@@ -1,6 +1,6 @@
 """Triton dequant-GEMM vs fp16 cuBLAS vs naive dequantize-then-matmul, on a CUDA GPU.
 
-    python benchmarks/kernels.py [--scheme int4-g128] [--shapes ...] [--ms 1 2 4 ...] [--decode-layers 4]
+    python benchmarks/kernel_speed.py [--scheme int4-g128] [--shapes ...] [--ms 1 2 4 ...] [--decode-layers 4]
 
 For each weight shape (out N × in K) and M, in one run: fp16 `torch.matmul(x, W.t())` (cuBLAS), llmq's
 kernel (`llmq.kernels.triton_matmul`: split-K for M <= 16, tiled GEMM above; autotuned, so each shape
@@ -123,7 +123,7 @@ def main() -> int:
     ap.add_argument("--out", default="kernels")
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU; the kernels' correctness runs on CPU in tests/test_kernels.py "
+        print("benchmarks/kernel_speed.py needs a CUDA GPU; the kernels' correctness runs on CPU in tests/test_kernels.py "
               "(Triton interpreter)", file=sys.stderr)  # fmt: skip
         return 2
     from llmq.config import scheme_from_name
