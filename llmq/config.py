@@ -151,8 +151,7 @@ def refine_by_default(scheme: "QuantScheme", mixed, gguf_recipe) -> bool:
     most REFINE_DEFAULT_MAX_BITS bits, where it was measured to pay most (benchmarks/results/refine.md). Codebooks
     (not measured on a real model yet), llama.cpp's block formats (little gain: their scales stay as the block search
     chose), 4 bits and mixed precision are refined only when asked."""
-    return (mixed is None and gguf_recipe is None and scheme.format == "int" and scheme.block is None
-            and scheme.bits <= REFINE_DEFAULT_MAX_BITS)  # fmt: skip
+    return mixed is None and gguf_recipe is None and scheme.format == "int" and scheme.bits <= REFINE_DEFAULT_MAX_BITS
 
 REFINE_WHY = ("Measured on SmolLM2 (benchmarks/results/refine.md, fp 19.92): perplexity int2 g64 111.6 -> 61.6 "
               "(0.45 of GPTQ's increase over fp), int3 g128 33.04 -> 28.07 (0.62), int4 g128 22.84 -> 21.91 (0.68), "
