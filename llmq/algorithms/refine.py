@@ -30,6 +30,7 @@ from .params import store_params
 
 ALPHA_MIN, ALPHA_MAX = 0.5, 1.2  # a group's scale may shrink to half or widen by a fifth
 V_MAX = 0.5
+FRAC_MAX = 0.4999  # a weight's distance from its nearest grid position, as stored (a tie would round either way)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -79,9 +80,16 @@ class _Grid:
             if isinstance(v, torch.Tensor):
                 setattr(self, k, v.to(device or "cpu"))
         self.clip = clip and self.block is None
+        R, C = self.shape
+        L = grouping.group_len(C, self.scheme.group_size)
+        # groups that tile the columns: per-group tensors broadcast over a [R, G, L] view, not expanded per weight
+        self.tiled = L if self.scheme.group_size != grouping.PER_TENSOR and C % L == 0 else None
         with torch.no_grad():
-            self.pos = self._position(self.s0_full())  # fixed: the codes move by V only, α scales the grid
-            self.D = (q0.to(self.W.device) - torch.round(self.pos)).to(torch.int16)  # small integers
+            # fixed: the codes move by V only, α scales the grid. Stored as q0 + (x − round(x)) = x + D in one fp32
+            # per weight, the fraction kept inside ±FRAC_MAX so that V = 0 rounds to q0 even at a tie
+            x = self._position(self.s0_full())
+            self.pos = (x - torch.round(x)).clamp_(-FRAC_MAX, FRAC_MAX).add_(q0.to(x.device))
+            del x
         dev = self.W.device
         self.W = None  # only its positions are needed from here on
         self.V = torch.zeros(self.shape, device=dev, requires_grad=True)
@@ -121,7 +129,7 @@ class _Grid:
         return vals[i] + (pos - i) * (vals[i + 1] - vals[i])
 
     def _codes(self, V: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(_round_ste(self.pos + V) + self.D, self.lo, self.hi)
+        return torch.clamp(_round_ste(self.pos + V), self.lo, self.hi)
 
     def weight_autograd(self) -> torch.Tensor:
         """weight() through autograd's own ops, op by op (the reference _FakeQuant's gradients are tested against)."""
@@ -159,39 +167,59 @@ class _Grid:
 
 class _FakeQuant(torch.autograd.Function):
     """_Grid.weight_autograd in one step: the forward without a graph, the backward from the codes (uint8) and the
-    mask where round's gradient passes (bool) instead of a dozen fp32 intermediates: 1.7x faster on a 1536 x 576
-    weight, two bytes saved per weight."""
+    mask where round's gradient passes (bool) instead of a dozen fp32 intermediates (two bytes saved per weight);
+    per-group scales and zero points broadcast over a [R, G, L] view of the weight instead of being expanded to one
+    value per weight. Forward + backward of a 1536 x 576 int3 g128 weight, one thread: 14.0 ms -> 7.2 ms."""
 
     @staticmethod
     def forward(ctx, V, alpha, grid: _Grid):
-        r = torch.round(grid.pos + V.clamp(-V_MAX, V_MAX)).add_(grid.D)
+        r = V.clamp(-V_MAX, V_MAX).add_(grid.pos).round_()
         c = r.clamp(grid.lo, grid.hi)
-        keep = (V.abs() <= V_MAX) & (r == c)  # where round's straight-through gradient passes both clamps
+        keep = r == c  # where round's straight-through gradient passes the grid's clamp ...
         del r
+        lo, hi = torch.aminmax(V.detach())
+        if max(-lo.item(), hi.item()) > V_MAX:  # ... and V's (V stays inside unless trained far)
+            keep &= V.abs() <= V_MAX
         a = None if alpha is None else alpha.clamp(ALPHA_MIN, ALPHA_MAX)
         ctx.grid = grid
         ctx.save_for_backward(c.to(torch.uint8), keep, a,
                               None if alpha is None else (alpha >= ALPHA_MIN) & (alpha <= ALPHA_MAX))  # fmt: skip
-        val = _FakeQuant._val(grid, c)
-        return val.mul_(grid.s0_full(a))
+        return _FakeQuant._by_group(grid, _FakeQuant._val(grid, c), grid.s0 if a is None else grid.s0 * a)
+
+    @staticmethod
+    def _by_group(grid: _Grid, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """x [R, C] *= per-group p [Rs, G], in place."""
+        if grid.tiled is None:
+            return x.mul_(grouping.expand(p, grid.shape, grid.scheme.group_size))
+        R, C = grid.shape
+        x.view(R, C // grid.tiled, grid.tiled).mul_(p.unsqueeze(-1))
+        return x
 
     @staticmethod
     def _val(grid: _Grid, c: torch.Tensor) -> torch.Tensor:
-        if grid.book is None:
-            return c.float() - grid.z_full()
-        return grid.vals[c.long()]
+        """The grid's values at codes c (a new fp32 tensor)."""
+        if grid.book is not None:
+            return grid.vals[c.long()]
+        if isinstance(grid.z, float):
+            return c.float().sub_(grid.z)
+        if grid.tiled is None:
+            return c.float().sub_(grid.z_full())
+        R, C = grid.shape
+        v = c.float()
+        v.view(R, C // grid.tiled, grid.tiled).sub_(grid.z.unsqueeze(-1))
+        return v
 
     @staticmethod
     def backward(ctx, g):
         c, keep, a, amask = ctx.saved_tensors
         grid = ctx.grid
-        gV = g * grid.s0_full(a) * keep
+        gV = _FakeQuant._by_group(grid, torch.where(keep, g, 0.0), grid.s0 if a is None else grid.s0 * a)
         if grid.book is not None:
             i = c.long().clamp(0, len(grid.vals) - 2)
             gV *= grid.vals[i + 1] - grid.vals[i]
         ga = None
         if a is not None:
-            gv = g * _FakeQuant._val(grid, c)
+            gv = _FakeQuant._val(grid, c).mul_(g)
             ga = grouping.to_groups(gv, grid.scheme.group_size)[0].sum(-1).reshape(grid.s0.shape) * grid.s0 * amask
         return gV, ga, None
 
