@@ -1,9 +1,10 @@
 """Learned rounding after GPTQ (`llmq quantize --method gptq --refine`) against the default GPTQ run, on SmolLM2.
 
     python benchmarks/refine.py run [--model GGUF] [--schemes int3-g128 int4-g128 ...] [--draws 0 1]
-                                    [--refine 50] [--jobs 2] [--work /tmp/llmq-refine]
+                                    [--refine 75] [--refined-only] [--jobs 2] [--work /tmp/llmq-refine]
     python benchmarks/refine.py layer8b [--work ...]                # one Llama-3-8B-shaped layer: cost per step
     python benchmarks/refine.py cost [--layers 6] [--work ...]      # the time bound, alone on the machine
+    python benchmarks/refine.py state [--label REV] [--work ...]    # one linear's step time and state memory
     python benchmarks/refine.py report [--work ...]                 # results/refine.{json,md}
 
 Protocol: WikiText-2 test; calibration `--nsamples` x `--seqlen` (default 32 x 2048) drawn with seed = draw from the
@@ -28,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_model, machine, machine_line, write_results  # noqa: E402
 
+from llmq.config import REFINE_STEPS  # noqa: E402
+
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
 EVAL_WINDOWS = 10
 # int3 g128 runs with other refinement settings (the work directory's TAG.eval.json), for the report's table
@@ -39,8 +42,8 @@ VARIANTS = [(tag, dict(zip(("draw", "target", "loss", "lr", "tokens"), v))) for 
     "int3-d0-tokfp": (0, "fp", "token", 0.005, "1 x 512"),
     "int3-d0-tokfp-b2s256": (0, "fp", "token", 0.005, "2 x 256"),
     "int3-d0-tokfp-lr02": (0, "fp", "token", 0.02, "1 x 512"),
-    "int3-g128-d0-refine50": (0, "fp", "token", 0.01, "1 x 512"),
-    "int3-g128-d1-refine50": (1, "fp", "token", 0.01, "1 x 512"),
+    "int3-g128-d0-refine50-ce9ee88": (0, "fp", "token", 0.01, "1 x 512"),
+    "int3-g128-d1-refine50-ce9ee88": (1, "fp", "token", 0.01, "1 x 512"),
 }.items()]
 SCHEMES = {  # name -> llmq quantize flags
     "int3-g128": ["--bits", "3", "--group-size", "128"],
@@ -69,13 +72,15 @@ def evaluate(model, out: Path, threads: int) -> float:
 
 
 def one(a, scheme: str, draw: int, refine: int, threads: int) -> dict:
-    tag = f"{scheme}-d{draw}-" + (f"refine{refine}" if refine else "gptq")
+    T = a.refine_seqlen if refine else None
+    tag = f"{scheme}-d{draw}-" + (f"refine{refine}" + (f"-t{T}" if T != 512 else "") if refine else "gptq")
     q = Path(a.work) / tag
-    row = {"scheme": scheme, "draw": draw, "refine": refine, "tag": tag}
+    row = {"scheme": scheme, "draw": draw, "refine": refine, "refine_seqlen": T, "tag": tag}
     if not (q / "summary.json").exists() or not (q / "config.json").exists():
         calib = ["--calib", WIKI, "--calib-split", "test", "--calib-range", "0.5:1", "--nsamples", a.nsamples,
                  "--seqlen", a.seqlen, "--seed", draw]  # fmt: skip
         flags = SCHEMES[scheme] + ["--refine", refine]  # 0: GPTQ alone (at <= 3 bits it refines by default)
+        flags += ["--refine-seqlen", T] if refine else []
         sh([sys.executable, "-m", "llmq", "quantize", a.model, q, "--method", "gptq", *calib, *flags, "--overwrite",
             "--quiet"], q.with_suffix(".quantize.log"), threads)  # fmt: skip
     s = json.loads((q / "summary.json").read_text())
@@ -91,10 +96,11 @@ def one(a, scheme: str, draw: int, refine: int, threads: int) -> dict:
 
 def run(a) -> None:
     Path(a.work).mkdir(parents=True, exist_ok=True)
-    threads = 1 if a.jobs > 1 else 2
+    threads = 1 if a.jobs > 1 else a.threads
     fp = evaluate(a.model, Path(a.work) / "fp.eval.json", 2)
     print("fp perplexity", fp, flush=True)
-    pairs = [(s, d, r) for s in a.schemes for d in a.draws for r in (0, a.refine)]
+    runs = (a.refine,) if a.refined_only else dict.fromkeys((0, a.refine))  # --refined-only: GPTQ's rows kept
+    pairs = [(s, d, r) for s in a.schemes for d in a.draws for r in runs]
     with ThreadPoolExecutor(a.jobs) as ex:
         rows = list(ex.map(lambda p: one(a, *p, threads), pairs))
     prev = json.loads((Path(a.work) / "rows.json").read_text()) if (Path(a.work) / "rows.json").exists() else []
@@ -127,6 +133,55 @@ def layer8b(a) -> None:
     print(json.dumps(res, indent=1))
 
 
+def state(a) -> None:
+    """The refinement's state and step cost per linear, in this process alone (`--threads`, default 1): a 1536 x 576
+    and a 576 x 1536 weight (SmolLM2's MLP), int3 g128 with act-order: the fake quantization's forward + backward
+    (median of 20); one 4096 x 4096 int3 g128 weight (an 8B attention projection, round to nearest), three signed
+    steps on 64 tokens: the process's peak RSS above its RSS before the refinement's state was built. `--label`
+    names the revision (PYTHONPATH=<an older checkout> measures that one; results/refine.md shows every label)."""
+    import resource
+    import statistics
+
+    import psutil
+    import torch
+
+    from llmq.algorithms.gptq import gptq
+    from llmq.algorithms.refine import Rounding
+    from llmq.algorithms.rtn import rtn
+    from llmq.config import GPTQConfig, QuantScheme
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    scheme, res = QuantScheme(bits=3, group_size=128), {"threads": a.threads}
+    for R, C in ((1536, 576), (576, 1536)):
+        W, X = torch.randn(R, C), torch.randn(C, 2048)
+        r = Rounding(W, gptq(W, X @ X.T / 2048, scheme, GPTQConfig(act_order=True, static_groups=True)))
+        g, ts = torch.randn(R, C), []
+        for k in range(23):
+            t0 = time.perf_counter()
+            r.weight().backward(g)
+            ts.append(time.perf_counter() - t0)
+        res[f"fake_quant_ms_{R}x{C}"] = round(statistics.median(ts[3:]) * 1000, 2)
+    W, X = torch.randn(4096, 4096), torch.randn(64, 4096)
+    q = rtn(W, scheme)  # the state does not depend on which codes
+    base = psutil.Process().memory_info().rss
+    r = Rounding(W, q)
+    for _ in range(3):
+        (X @ r.weight().t()).square().mean().backward()
+        with torch.no_grad():
+            for p in r.params():
+                p.add_(torch.sign(p.grad), alpha=-0.01)
+                p.grad = None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["state_peak_mb_4096x4096"] = round((peak - base) / 2**20)
+    res["state_bytes_per_weight"] = round((peak - base) / W.numel(), 1)
+    res["machine"] = machine()
+    f = Path(a.work) / "state.json"
+    prev = json.loads(f.read_text()) if f.exists() else {}
+    f.write_text(json.dumps(prev | {a.label: res}, indent=1))
+    print(json.dumps({a.label: res}))
+
+
 def cost(a) -> None:
     """The time bound, GPTQ and GPTQ + refinement measured one after the other under the same load (`--threads`,
     default 1): GPTQ int3 g128 and GPTQ + refinement of SmolLM2's
@@ -155,6 +210,11 @@ def cost(a) -> None:
         print(steps, res[f"refine{steps}"]["total_s"], flush=True)
     res["layers"], res["threads"], res["machine"] = a.layers, a.threads, machine()
     (Path(a.work) / "cost.json").write_text(json.dumps(res, indent=1))
+
+
+def _run(row: dict) -> tuple[int, int]:
+    """(steps, tokens per prefix) of a row (rows of before --refine-seqlen was recorded: 512)."""
+    return row["refine"], (row.get("refine_seqlen") or 512) if row["refine"] else 0
 
 
 def geo(xs: list[float]) -> float:
@@ -186,8 +246,8 @@ def report(a) -> None:
     summary = {}
     for scheme in [s for s in SCHEMES if any(r["scheme"] == s for r in rows)]:
         base = None
-        for refine in sorted({r["refine"] for r in rows if r["scheme"] == scheme}):
-            rs = sorted((r for r in rows if r["scheme"] == scheme and r["refine"] == refine), key=lambda r: r["draw"])
+        for refine, T in sorted({_run(r) for r in rows if r["scheme"] == scheme}):
+            rs = sorted((r for r in rows if r["scheme"] == scheme and _run(r) == (refine, T)), key=lambda r: r["draw"])
             ppl = geo([r["perplexity"] for r in rs])
             inc = ppl - fp
             if refine == 0:
@@ -201,7 +261,9 @@ def report(a) -> None:
                 b = [x["loss_before"] for r in rs for x in r["refine_layers"]]
                 f = [x["loss_after"] if x["kept"] else x["loss_before"] for r in rs for x in r["refine_layers"]]
                 loss = f"{sum(b) / len(b):.4f} → {sum(f) / len(f):.4f}"
-            name = f"GPTQ + refine {refine}" if refine else "GPTQ (`--refine 0`)"
+            name = (f"GPTQ + refine {refine} x {T}" if refine else "GPTQ (`--refine 0`)")
+            if refine and all("refine_seqlen" not in r for r in rs):  # rows kept from results/refine.json
+                name += " (at ce9ee88)"
             per = " / ".join(f"{r['perplexity']:.3f}" for r in rs)
             rt = "" if ratio is None else f"{ratio:.2f}"
             lines.append(f"| {scheme} | {name} | {rs[0]['bits_per_weight']:.3f} | {per} | {ppl:.3f} | {inc:+.3f} | "
@@ -220,7 +282,10 @@ def report(a) -> None:
                   "`_loss`: the first token of a window carries the massive activations, 98% of the squared norm of "
                   "a 512-token prefix at layer 15); lr: `--refine-lr`; windows per step x `--refine-seqlen`). "
                   "The window-wide and per-token rows with other settings were run with that revision or a "
-                  "temporary switch; the last setting is the default now.", "",
+                  "temporary switch; the last setting is the default now. Every row of this table was measured at "
+                  "ce9ee88 or before; the main table above has this revision's runs of the default (the fake "
+                  "quantization has been restructured since: the same arithmetic, but the signed steps are chaotic, "
+                  "so the trajectory differs).", "",
                   "| draw | target | loss | lr | tokens per step | perplexity | increase / GPTQ's |",
                   "| ---: | --- | --- | ---: | --- | ---: | ---: |"]  # fmt: skip
         for t, d, ppl in var:
@@ -240,12 +305,26 @@ def report(a) -> None:
                   f"`python benchmarks/refine.py cost`: SmolLM2's first {c['layers']} decoder layers quantized in "
                   f"memory by the conversion's layer loop, int3 g128, 32 x 2048 calibration tokens, {c['threads']} "
                   "thread(s), the other core running one other single-threaded job throughout (an `llmq quantize` "
-                  "of NF4) "
+                  "of int4 g128 with refinement at this revision; of NF4 before) "
                   f"({c['machine']['date']}): GPTQ {g['total_s']:.1f} s, GPTQ + refine {steps} "
                   f"{r['total_s']:.1f} s: **{r['total_s'] / g['total_s']:.2f}x** (per layer: "
                   f"{' / '.join(f'{x:.0f}' for x in g['layer_s'])} s against "
                   f"{' / '.join(f'{x:.0f}' for x in r['layer_s'])} s). Every layer costs about the same, so the whole "
                   "model's ratio is this one's.", ""]  # fmt: skip
+    st = json.loads((w / "state.json").read_text()) if (w / "state.json").exists() else None
+    if st:
+        lines += ["## One linear's step and state", "",
+                  "`python benchmarks/refine.py state` (each revision in a process of its own, alone on the machine, "
+                  "one thread): the fake quantization's forward + backward of one weight, int3 g128 with act-order "
+                  "(median of 20); the peak RSS of three signed steps on one 4096 x 4096 int3 g128 weight (64 "
+                  "tokens) above the RSS before its state was built (the step's fake-quantized weight and its "
+                  "gradient included).", "",
+                  "| revision | 1536 x 576 ms | 576 x 1536 ms | 4096 x 4096 peak MB | bytes per weight | date |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+        for label, r in st.items():
+            lines.append(f"| {label} | {r['fake_quant_ms_1536x576']} | {r['fake_quant_ms_576x1536']} | "
+                         f"{r['state_peak_mb_4096x4096']} | {r['state_bytes_per_weight']} | {r['machine']['date']} |")
+        lines.append("")
     big = json.loads((w / "layer8b.json").read_text()) if (w / "layer8b.json").exists() else None
     if big:
         r4 = big["refine4"]
@@ -260,27 +339,32 @@ def report(a) -> None:
                   f"layer's GPTQ; peak RSS {r4['peak_rss_mb']:.0f} MB (measured with the first settings, before the "
                   "refinement's state was packed from about 27 to 20 bytes per weight: docs/SCALE.md). The "
                   "projection for a GPU is in docs/SCALE.md.", ""]  # fmt: skip
-    write_results("refine", {"setup": setup, "rows": rows, "summary": summary, "cost": c, "layer8b": big},
+    variants = [{"tag": t, **d, "perplexity": ppl} for t, d, ppl in var]
+    write_results("refine", {"setup": setup, "rows": rows, "summary": summary, "variants": variants, "cost": c,
+                             "state": st, "layer8b": big},
                   "\n".join(lines) + "\n")  # fmt: skip
     print("\n".join(lines))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["run", "layer8b", "cost", "report"])
+    p.add_argument("step", choices=["run", "layer8b", "cost", "state", "report"])
+    p.add_argument("--label", default="now", help="state: the revision measured")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=None)
     p.add_argument("--schemes", nargs="+", default=["int3-g128", "int4-g128"], choices=list(SCHEMES))
     p.add_argument("--draws", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--refine", type=int, default=50)
+    p.add_argument("--refine", type=int, default=REFINE_STEPS)
+    p.add_argument("--refine-seqlen", type=int, default=512, help="run: --refine-seqlen of the refined runs")
+    p.add_argument("--refined-only", action="store_true", help="run: only the refined runs (GPTQ's in rows.json)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--work", default="/tmp/llmq-refine")
     a = p.parse_args()
     a.model = a.model or default_model()
-    {"run": run, "layer8b": layer8b, "cost": cost, "report": report}[a.step](a)
+    {"run": run, "layer8b": layer8b, "cost": cost, "state": state, "report": report}[a.step](a)
 
 
 if __name__ == "__main__":
