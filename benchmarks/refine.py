@@ -108,7 +108,7 @@ def run(a) -> None:
     (Path(a.work) / "rows.json").write_text(json.dumps(keep + rows, indent=1))
     (Path(a.work) / "setup.json").write_text(json.dumps({"fp_perplexity": fp, "model": str(a.model),
                                                          "nsamples": a.nsamples, "seqlen": a.seqlen,
-                                                         "machine": machine()}))  # fmt: skip
+                                                         "machine": machine() | {"torch_threads": threads}}))
 
 
 def layer8b(a) -> None:
@@ -239,7 +239,10 @@ def report(a) -> None:
              "Increase = perplexity − fp; ratio = the refined "
              "run's increase / GPTQ's (geometric mean over draws); loss = the refinement's loss (each token's relative "
              "squared error against the fp model's output of the layer, which includes what the layers before left), "
-             "averaged over the layers, before → after (summary.json).", ""]  # fmt: skip
+             "averaged over the layers, before → after (summary.json). Rows kept from results/refine.json of "
+             "ce9ee88 (the int2/int3/int4 GPTQ rows, the rows marked so, the variants below) were measured there, "
+             "on an AMD EPYC machine of 2 cores with transformers 5.24.0; the others on the machine "
+             "above.", ""]  # fmt: skip
     lines += ["| scheme | run | bits/w | ppl per draw | ppl (geo. mean) | increase | ratio | quantize s | refine s | "
               "peak RSS MB | layer loss before → after |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
@@ -314,8 +317,9 @@ def report(a) -> None:
     st = json.loads((w / "state.json").read_text()) if (w / "state.json").exists() else None
     if st:
         lines += ["## One linear's step and state", "",
-                  "`python benchmarks/refine.py state` (each revision in a process of its own, alone on the machine, "
-                  "one thread): the fake quantization's forward + backward of one weight, int3 g128 with act-order "
+                  "`python benchmarks/refine.py state` (each revision in a process of its own, one thread, the other "
+                  "core running one single-threaded `llmq quantize`): the fake quantization's forward + backward "
+                  "of one weight, int3 g128 with act-order "
                   "(median of 20); the peak RSS of three signed steps on one 4096 x 4096 int3 g128 weight (64 "
                   "tokens) above the RSS before its state was built (the step's fake-quantized weight and its "
                   "gradient included).", "",

@@ -149,13 +149,14 @@ REFINE_DEFAULT_MAX_BITS = 3  # `llmq quantize --method gptq` refines by default 
 def refine_by_default(scheme: "QuantScheme", mixed, gguf_recipe) -> bool:
     """Whether `llmq quantize --method gptq` refines (REFINE_STEPS) when --refine is not given: one integer grid of at
     most REFINE_DEFAULT_MAX_BITS bits, where it was measured to pay most (benchmarks/results/refine.md). Codebooks
-    (not measured on a real model yet), llama.cpp's block formats (little gain: their scales stay as the block search
-    chose), 4 bits and mixed precision are refined only when asked."""
+    (NF3 0.70 and NF4 0.82 of GPTQ's increase, one draw each: not made the default without a second), llama.cpp's
+    block formats (little gain: their scales stay as the block search chose), 4 bits and mixed precision are refined
+    only when asked."""
     return mixed is None and gguf_recipe is None and scheme.format == "int" and scheme.bits <= REFINE_DEFAULT_MAX_BITS
 
 REFINE_WHY = ("Measured on SmolLM2 (benchmarks/results/refine.md, fp 19.92): perplexity int2 g64 111.6 -> 61.6 "
-              "(0.45 of GPTQ's increase over fp), int3 g128 33.04 -> 28.07 (0.62), int4 g128 22.84 -> 21.91 (0.68), "
-              "in 2.6x GPTQ's time.")
+              "(0.45 of GPTQ's increase over fp), int3 g128 33.04 -> 28.02 (0.62), int4 g128 22.84 -> 21.76 (0.63), "
+              "NF3 g64 28.81 -> 26.14 (0.70), NF4 g64 21.39 -> 21.13 (0.82), in 2.2x GPTQ's time.")
 
 
 EXPERT_POLICIES = ("layer", "rtn", "all")
