@@ -8,8 +8,8 @@ the layers before it left; ("quantized": the full-precision layer's output on th
 each token's relative squared error, averaged (_loss). One
 window per step per rank (torchrun: each rank its own windows, gradients summed over the ranks, so every rank
 takes the same step), windows in a seeded order, learning rate falling linearly to 0. The layer is scored before
-and after on SCORE_WINDOWS of the prefixes (all: 64 of a step's 150 forwards' worth at 32 windows and 50 steps); a
-refinement that does not lower that loss is dropped (GPTQ's codes kept)."""
+and after on SCORE_WINDOWS of the prefixes (scoring all 32 cost 64 forwards of a prefix, beside the ~150 forwards'
+worth of 50 steps); a refinement that does not lower that loss is dropped (GPTQ's codes kept)."""
 from __future__ import annotations
 
 import logging
