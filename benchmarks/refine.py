@@ -129,6 +129,7 @@ def layer8b(a) -> None:
         s = json.loads((out / "summary.json").read_text())
         res[f"refine{refine}"] = {"phases_s": s["phases_s"], "peak_rss_mb": s["peak_rss_mb"],
                                   "layer_s": s["layers"][0]["seconds"], "refine": s["layers"][0].get("refine")}
+    res["machine"] = machine()
     (w / "layer8b.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 
@@ -340,9 +341,11 @@ def report(a) -> None:
                   f"{f['step_seconds'] / f['steps']:.1f} s per refinement step (one 512-token window: forward + "
                   f"backward + fake quantization of 218M weights), {f['seconds']:.0f} s for the whole refinement "
                   f"(targets and the two scores of 4 windows included) beside {gptq_s:.0f} s for the rest of the "
-                  f"layer's GPTQ; peak RSS {r4['peak_rss_mb']:.0f} MB (measured with the first settings, before the "
-                  "refinement's state was packed from about 27 to 20 bytes per weight: docs/SCALE.md). The "
-                  "projection for a GPU is in docs/SCALE.md.", ""]  # fmt: skip
+                  f"layer's GPTQ; peak RSS {r4['peak_rss_mb']:.0f} MB ({big.get('machine', {}).get('date', '')}; at "
+                  "ce9ee88, on the AMD machine, with every window scored and 27 bytes of state per weight: 22.9 s "
+                  "per step, 160 s, 10622 MB). Four steps on a random layer measure the cost, not the quality (the "
+                  f"refinement was {'kept' if f['kept'] else 'not kept: its loss rose'}). The projection for a GPU "
+                  "is in docs/SCALE.md.", ""]  # fmt: skip
     variants = [{"tag": t, **d, "perplexity": ppl} for t, d, ppl in var]
     write_results("refine", {"setup": setup, "rows": rows, "summary": summary, "variants": variants, "cost": c,
                              "state": st, "layer8b": big},
