@@ -1,7 +1,7 @@
 """Learned rounding after GPTQ (`llmq quantize --method gptq --refine`) against the default GPTQ run, on SmolLM2.
 
     python benchmarks/refine.py run [--model GGUF] [--schemes int3-g128 int4-g128 ...] [--draws 0 1]
-                                    [--refine 75] [--refined-only] [--jobs 2] [--work /tmp/llmq-refine]
+                                    [--refine STEPS] [--refined-only] [--jobs 2] [--work /tmp/llmq-refine]
     python benchmarks/refine.py layer8b [--work ...]                # one Llama-3-8B-shaped layer: cost per step
     python benchmarks/refine.py cost [--layers 6] [--work ...]      # the time bound, alone on the machine
     python benchmarks/refine.py state [--label REV] [--work ...]    # one linear's step time and state memory

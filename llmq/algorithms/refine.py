@@ -188,12 +188,13 @@ class _FakeQuant(torch.autograd.Function):
         return _FakeQuant._by_group(grid, _FakeQuant._val(grid, c), grid.s0 if a is None else grid.s0 * a)
 
     @staticmethod
-    def _by_group(grid: _Grid, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """x [R, C] *= per-group p [Rs, G], in place."""
+    def _by_group(grid: _Grid, x: torch.Tensor, p: torch.Tensor, op=torch.Tensor.mul_) -> torch.Tensor:
+        """x [R, C] op= per-group p [Rs, G] (in place), over a [R, G, L] view where the groups tile the columns."""
         if grid.tiled is None:
-            return x.mul_(grouping.expand(p, grid.shape, grid.scheme.group_size))
-        R, C = grid.shape
-        x.view(R, C // grid.tiled, grid.tiled).mul_(p.unsqueeze(-1))
+            op(x, grouping.expand(p, grid.shape, grid.scheme.group_size))
+        else:
+            R, C = grid.shape
+            op(x.view(R, C // grid.tiled, grid.tiled), p.unsqueeze(-1))
         return x
 
     @staticmethod
@@ -203,12 +204,7 @@ class _FakeQuant(torch.autograd.Function):
             return grid.vals[c.long()]
         if isinstance(grid.z, float):
             return c.float().sub_(grid.z)
-        if grid.tiled is None:
-            return c.float().sub_(grid.z_full())
-        R, C = grid.shape
-        v = c.float()
-        v.view(R, C // grid.tiled, grid.tiled).sub_(grid.z.unsqueeze(-1))
-        return v
+        return _FakeQuant._by_group(grid, c.float(), grid.z, torch.Tensor.sub_)
 
     @staticmethod
     def backward(ctx, g):

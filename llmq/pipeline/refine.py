@@ -97,9 +97,9 @@ def _loss(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def _score(layer, w: dict, data: RefineData, targets, world) -> float:
     """Mean relative squared output error over the first SCORE_WINDOWS prefixes (split over the ranks), with the
     linears' weights `w`."""
-    n = -(-SCORE_WINDOWS // world.size)
-    tot = sum(_loss(_forward(layer, w, x, data), t).item() for x, t in zip(data.xs[:n], targets[:n]))
-    tot, n = world.sum([tot, float(len(data.xs[:n]))])
+    k = -(-SCORE_WINDOWS // world.size)  # this rank's share
+    tot = sum(_loss(_forward(layer, w, x, data), t).item() for x, t in zip(data.xs[:k], targets[:k]))
+    tot, n = world.sum([tot, float(len(data.xs[:k]))])
     return tot / max(n, 1.0)
 
 
